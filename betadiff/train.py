@@ -1,0 +1,328 @@
+"""The trainer: builds objects from a TrainConfig, loops, evaluates, checkpoints, resumes. No formulas here.
+
+`train(cfg, report=callback)` is the API the sweep layer wraps; the callback receives `(step, metrics)` so Ray
+and MLflow can be hooked in without this module importing either.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import losses, process, sampling
+from .config import TrainConfig, effective_scale_shift, from_dict, to_dict, to_yaml, validate
+from .data import make_dataset
+from .metrics import evaluate
+from .nets import make_net, num_params
+from .precond import BetaPrecond, GaussianPrecond, gaussian_affine
+
+Report = Callable[[int, dict[str, float]], None]
+
+# Direction of every metric the trainer can report (used by sweeps, reports and the dashboard).
+METRIC_MODES: dict[str, str] = {
+    "loss": "min", "lr": "min", "step_time_ms": "min",
+    "w1": "min", "jsd": "min", "hellinger": "min", "out_of_range": "min",
+    "floor_w1": "min", "floor_jsd": "min", "floor_hellinger": "min",
+    "ot": "min",
+    "fd": "min", "cls_score": "max", "pix_jsd": "min", "boundary_err": "min",
+    "boundary_lo": "min", "boundary_hi": "min", "boundary_lo_true": "min", "boundary_hi_true": "min",
+}
+_EVAL_KEYS = {
+    "toy1d": {"w1", "jsd", "hellinger", "out_of_range", "floor_w1", "floor_jsd", "floor_hellinger"},
+    "toy2d": {"ot", "out_of_range"},
+    "image": {"fd", "cls_score", "pix_jsd", "boundary_err", "boundary_lo", "boundary_hi", "boundary_lo_true",
+              "boundary_hi_true", "out_of_range"},
+}
+_DATA_KIND = {"toy1": "toy1d", "toy2": "toy1d", "mixture2d": "toy2d", "fashion_mnist": "image", "digits": "image",
+              "cifar10": "image"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; carries the step. The last checkpoint on disk stays loadable."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss ({value}) at step {step}; last good checkpoint kept")
+        self.step = step
+
+
+def reported_metrics(cfg: TrainConfig) -> set[str]:
+    """Every metric name `train(cfg)` can pass to its report callback."""
+    kind = _DATA_KIND.get(cfg.data.name)
+    evals = _EVAL_KEYS[kind] if kind else _EVAL_KEYS["toy1d"] | _EVAL_KEYS["toy2d"]
+    return {"loss", "lr", "step_time_ms"} | evals
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+@dataclass
+class Model:
+    """What sampling needs: the denoiser and the process parameters, built once from the config."""
+    cfg: TrainConfig
+    dataset: Any
+    denoiser: nn.Module
+    scale: float
+    shift: float
+    schedule: Callable[[torch.Tensor], torch.Tensor]
+
+    def to_raw(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0 - self.shift) / self.scale
+
+
+def _schedule(cfg: TrainConfig):
+    d = cfg.diffusion
+    params = dict(beta_min=d.beta_min, beta_d=d.beta_d) if d.schedule == "beta_linear" else dict(c0=d.c0, c1=d.c1, p=d.p)
+    return process.make_schedule(d.schedule, **params)
+
+
+def build_model(cfg: TrainConfig, dataset, device: torch.device) -> Model:
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on train.seed only
+        torch.manual_seed(cfg.train.seed)
+        net = make_net(cfg.model, tuple(dataset.shape))
+    schedule = _schedule(cfg)
+    mode = "image" if dataset.kind == "image" else "toy"
+    if cfg.diffusion.kind == "beta":
+        scale, shift = effective_scale_shift(cfg, dataset.scale, dataset.shift)
+        denoiser = BetaPrecond(net, eta=cfg.diffusion.eta, scale=scale, shift=shift, schedule=schedule, mode=mode)
+    else:
+        scale, shift = gaussian_affine(dataset.kind)
+        denoiser = GaussianPrecond(net, schedule=schedule, mode=mode)
+    return Model(cfg, dataset, denoiser.to(device), scale, shift, schedule)
+
+
+def objective(model: Model) -> Callable[[nn.Module, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict]]:
+    """The selected loss as `fn(denoiser, x0, generator) -> (loss, parts)`; only that loss is ever computed."""
+    d = model.cfg.diffusion
+    if d.kind == "beta":
+        return lambda den, x0, g: losses.beta_loss(den, x0, eta=d.eta, schedule=model.schedule, loss=d.loss,
+                                                    omega=d.omega, s_ratio=d.s_ratio, t_min=d.t_min, generator=g)
+    return lambda den, x0, g: losses.gaussian_loss(den, x0, schedule=model.schedule, loss=d.loss,
+                                                   s_ratio=d.s_ratio, t_min=d.t_min, generator=g)
+
+
+def generate(model: Model, denoiser: nn.Module, n: int, generator: torch.Generator, *, steps: int | None = None,
+             grid: str | None = None, batch_size: int | None = None, return_trajectory: bool = False) -> dict:
+    """Draw n samples; returns {"raw": (n, *shape) in data space [0, 1] (x̂0 of the last call), ...sampler outputs}."""
+    cfg, ds = model.cfg, model.dataset
+    steps = steps or cfg.eval.steps
+    grid = grid or cfg.eval.grid
+    if grid == "auto":
+        grid = "geometric_alpha" if ds.kind == "image" and steps <= 350 else "uniform_t"  # spec §3, §9
+    device = next(denoiser.parameters()).device
+    shape = (n, *ds.shape)
+    common = dict(steps=steps, generator=generator, device=device, dtype=torch.float32,
+                  batch_size=batch_size or cfg.eval.batch_size, return_trajectory=return_trajectory)
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        if cfg.diffusion.kind == "beta":
+            mu = ds.pixel_mean().to(device)  # raw-space prior mean (spec §3); the sampler maps it
+            out = sampling.sample_beta(denoiser, shape, eta=cfg.diffusion.eta, scale=model.scale, shift=model.shift,
+                                       schedule=model.schedule, mu=mu, grid=grid, **common)
+            final = out["x0_hat"]
+        else:
+            out = sampling.sample_gaussian(denoiser, shape, schedule=model.schedule, grid=grid, **common)
+            final = out["x0"]
+    finally:
+        denoiser.train(was_training)
+    out["raw"] = model.to_raw(final.float())
+    return out
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    o, total = cfg.optim, cfg.train.steps
+
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        if o.decay == "none":
+            return w
+        frac = min(1.0, step / max(1, total))
+        return w * (0.5 * (1 + math.cos(math.pi * frac)) if o.decay == "cosine" else 1.0 - frac)
+    return f
+
+
+def _ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1.0 - beta)
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """A checkpoint as saved by `train` (state dicts + config; no pickled code)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model(path: str | Path, device: str = "cpu", use_ema: bool = True) -> Model:
+    """Rebuild the denoiser from a checkpoint (EMA weights when present and asked for)."""
+    ck = load_checkpoint(path, device)
+    cfg = from_dict(ck["config"], where=str(path))
+    dev = resolve_device(device)
+    model = build_model(cfg, make_dataset(cfg.data), dev)
+    state = ck["ema"] if (use_ema and ck.get("ema") is not None) else ck["model"]
+    model.denoiser.load_state_dict(state)
+    return model
+
+
+def _seeded(seed: int, *salt: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """An independent generator for (seed, salt...): evaluation never touches the training streams."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + sum(s * 7919 ** (i + 1) for i, s in enumerate(salt))) % (2**63))
+    return g
+
+
+def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | None = None,
+          resume: bool = True) -> dict[str, float]:
+    """Train per `cfg`; returns the final metrics. See docs/architecture.md ("train.py") for the run folder."""
+    validate(cfg)
+    t_cfg = cfg.train
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if t_cfg.threads > 0:
+        torch.set_num_threads(t_cfg.threads)
+    device = resolve_device(t_cfg.device)
+    dataset = make_dataset(cfg.data)
+    model = build_model(cfg, dataset, device)
+    denoiser = model.denoiser
+    ema = copy.deepcopy(denoiser).requires_grad_(False) if t_cfg.ema_halflife > 0 else None
+    ema_beta = 0.5 ** (t_cfg.batch_size / t_cfg.ema_halflife) if ema is not None else 0.0
+    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                           weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    loss_fn = objective(model)
+    g_data = _seeded(t_cfg.seed, 1)
+    g_noise = _seeded(t_cfg.seed, 2, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.amp == "bf16")
+
+    start, acc = 0, [0.0, 0, 0.0]  # loss sum, count, seconds in the current log window
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, device)
+        denoiser.load_state_dict(ck["model"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        g_data.set_state(ck["rng_data"])
+        g_noise.set_state(ck["rng_noise"].to(g_noise.device) if device.type != "cpu" else ck["rng_noise"])
+        start, acc = int(ck["step"]), list(ck["acc"])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    mfile = run_dir / "metrics.jsonl"
+    _truncate_metrics(mfile, start)
+
+    def save(step: int) -> None:
+        _atomic_save({"model": denoiser.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                      "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                      "rng_data": g_data.get_state(), "rng_noise": g_noise.get_state().cpu(), "acc": acc,
+                      "config": to_dict(cfg), "git": git_commit(), "num_params": num_params(denoiser)}, ckpt_path)
+
+    def evaluation(step: int) -> dict[str, float]:
+        net = ema if (ema is not None and cfg.eval.use_ema) else denoiser
+        g = _seeded(t_cfg.seed, 3, step, device=device)
+        raw = generate(model, net, cfg.eval.n_samples, g)["raw"].cpu()
+        return evaluate(dataset, raw, _seeded(t_cfg.seed, 4, step))
+
+    is_tty = sys.stderr.isatty()
+    bar = None
+    if t_cfg.progress and is_tty:
+        from tqdm import tqdm
+        bar = tqdm(total=t_cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for step in range(start + 1, t_cfg.steps + 1):
+        ts = time.perf_counter()
+        x0 = model.scale * dataset.sample(t_cfg.batch_size, g_data).to(device) + model.shift
+        with autocast:
+            loss, parts = loss_fn(denoiser, x0, g_noise)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(step, value)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in denoiser.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)  # spec §6, as the authors do
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            _ema_update(ema, denoiser, ema_beta)
+        acc[0] += value
+        acc[1] += 1
+        acc[2] += time.perf_counter() - ts
+        if bar is not None:
+            bar.update(1)
+        metrics: dict[str, float] = {}
+        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+            metrics.update(loss=acc[0] / acc[1], lr=sched.get_last_lr()[0], step_time_ms=1000 * acc[2] / acc[1])
+            metrics.update({f"loss_{k}": float(v) for k, v in parts.items() if k != "loss"})
+            acc = [0.0, 0, 0.0]
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
+            metrics.update(evaluation(step))
+        if (t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0) or step == t_cfg.steps:
+            save(step)
+            metrics["checkpoint_step"] = step
+        if metrics:
+            last.update(metrics)
+            with mfile.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if report is not None:
+                report(step, metrics)
+    if bar is not None:
+        bar.close()
+    final = {k: v for k, v in last.items() if k != "checkpoint_step"}
+    final.update(step=t_cfg.steps, train_time_s=time.perf_counter() - t0)
+    _write_samples(model, ema if (ema is not None and cfg.eval.use_ema) else denoiser, run_dir, t_cfg.seed)
+    (run_dir / "final.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+    return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step so a resumed run's log equals an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _write_samples(model: Model, net: nn.Module, run_dir: Path, seed: int) -> None:
+    from .plots import plot_samples  # matplotlib only when a figure is made
+    n = 64 if model.dataset.kind == "image" else min(model.cfg.eval.n_samples, 20000)
+    raw = generate(model, net, n, _seeded(seed, 5, device=next(net.parameters()).device))["raw"].cpu()
+    ref = model.dataset.reference(n, _seeded(seed, 6))
+    plot_samples(model.dataset, raw, run_dir / "samples.png", true_raw=ref)
