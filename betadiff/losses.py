@@ -57,7 +57,7 @@ def kl_gamma(a: Tensor, b: Tensor) -> Tensor:
     S(a) = ln a - 1/(2a) - psi(a) and R the Stirling remainder, so no large lgamma values cancel.
     """
     a, b = torch.broadcast_tensors(a, b)
-    direct = (a - b) * torch.digamma(a) - torch.lgamma(a) + torch.lgamma(b)
+    direct = _kl_gamma_plain(a, b)
     big = (a >= _STIRLING_MIN) & (b >= _STIRLING_MIN)
     a_ = torch.where(big, a, torch.full_like(a, _STIRLING_MIN))  # keep the unused branch finite for autograd
     b_ = torch.where(big, b, torch.full_like(b, _STIRLING_MIN))
@@ -74,14 +74,25 @@ def kl_gamma(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(big, stirling, direct)
 
 
-def kl_beta(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+def kl_beta(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, *, precise: bool = False) -> Tensor:
     """KL(Beta(a1, b1) || Beta(a2, b2)) = K(a1, a2) + K(b1, b2) - K(a1 + b1, a2 + b2), in float64.
 
-    All parameters > 0 and broadcastable; returns float64 of the broadcast shape (>= 0 up to rounding,
-    exactly 0 for identical arguments). Sound for parameters from ~1e-2 to ~1e6.
+    All parameters > 0 and broadcastable; returns float64 of the broadcast shape (exactly 0 for identical
+    arguments). Sound for parameters from ~1e-2 to ~1e6.
+    precise=False (training default): the plain closed form of spec §5, ≈1e-9 absolute error at η = 1e6
+      (it may dip ~1e-9 below 0 for nearly identical Betas there), ~20 ops: 25x cheaper than the Stirling form
+      in a training step at batch 1000.
+    precise=True: K in Stirling form where both arguments are >= 10, relative error ~1e-6 even for KLs of
+      1e-15 (the converged-model regime at η = 1e6); for analysis and tests.
     """
     a1, b1, a2, b2 = (torch.as_tensor(v).double() for v in (a1, b1, a2, b2))
-    return kl_gamma(a1, a2) + kl_gamma(b1, b2) - kl_gamma(a1 + b1, a2 + b2)
+    k = kl_gamma if precise else _kl_gamma_plain
+    return k(a1, a2) + k(b1, b2) - k(a1 + b1, a2 + b2)
+
+
+def _kl_gamma_plain(a: Tensor, b: Tensor) -> Tensor:
+    """K(a, b) = (a - b) psi(a) - lnG(a) + lnG(b), the direct closed form."""
+    return (a - b) * torch.digamma(a) - torch.lgamma(a) + torch.lgamma(b)
 
 
 def _sum_dims(x: Tensor) -> Tensor:
