@@ -38,15 +38,17 @@ class BetaPrecond(nn.Module):
         self.net, self.eta, self.scale, self.shift, self.schedule, self.mode = net, eta, scale, shift, schedule, mode
 
     def forward(self, logit_zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # the net may run under bf16 autocast; x̂0 must not: bf16 resolves x0 to ~4e-3, far too coarse at η = 1e4
         if self.mode == "toy":
-            out = self.net(logit_zt, t)
+            out = self.net(logit_zt, t).to(logit_zt.dtype)
         else:
             alpha = self.schedule(t.double())
             m, sd = process.logit_moments_uniform(alpha, self.eta, self.scale, self.shift)
             h = ((logit_zt.double() - _bcast(m, logit_zt)) / _bcast(sd, logit_zt)).to(logit_zt.dtype)
             c_noise = (-_logit(alpha) / 8).to(logit_zt.dtype)
-            out = h + self.net(h, c_noise)
-        return self.scale * torch.sigmoid(out) + self.shift
+            out = h + self.net(h, c_noise).to(h.dtype)
+        with torch.autocast(logit_zt.device.type, enabled=False):
+            return self.scale * torch.sigmoid(out) + self.shift
 
 
 class GaussianPrecond(nn.Module):

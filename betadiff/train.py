@@ -235,8 +235,8 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
-        g_data.set_state(ck["rng_data"])
-        g_noise.set_state(ck["rng_noise"].to(g_noise.device) if device.type != "cpu" else ck["rng_noise"])
+        g_data.set_state(ck["rng_data"].cpu())
+        g_noise.set_state(ck["rng_noise"].cpu())  # generator states are CPU byte tensors, also for CUDA
         start, acc = int(ck["step"]), list(ck["acc"])
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     mfile = run_dir / "metrics.jsonl"

@@ -68,3 +68,14 @@ def test_gaussian_precond_passes_through():
     sched = process.make_schedule("beta_linear", beta_min=0.1, beta_d=19.9)
     net = MLP(1, 8, 1, 20)
     assert GaussianPrecond(net, schedule=sched)(torch.randn(3, 1), torch.rand(3)).shape == (3, 1)
+
+
+def test_bf16_autocast_keeps_x0_hat_in_float32():
+    """x̂0 at bf16 resolution (~4e-3) would wreck the KL at η = 1e4: the precond returns float32."""
+    sched = process.make_schedule("beta_linear", beta_min=0.1, beta_d=19.9)
+    den = BetaPrecond(MLP(1, 32, 2, 20), eta=1e4, scale=1.0, shift=0.0, schedule=sched, mode="toy")
+    x, t = torch.randn(64, 1), torch.rand(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = den(x, t)
+    assert out.dtype == torch.float32
+    assert len(torch.unique(out)) > 32  # not quantised onto a coarse grid
