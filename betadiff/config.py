@@ -24,6 +24,32 @@ GAUSSIAN_LOSSES = ("eps_mse", "gauss_klub")
 DATASETS = ("toy1", "toy2", "mixture2d", "file", "fashion_mnist", "digits", "cifar10")
 
 
+# Direction of every metric the trainer can report (used by sweeps, reports and the dashboard).
+METRIC_MODES: dict[str, str] = {
+    "loss": "min", "lr": "min", "step_time_ms": "min",
+    "w1": "min", "jsd": "min", "hellinger": "min", "out_of_range": "min",
+    "floor_w1": "min", "floor_jsd": "min", "floor_hellinger": "min",
+    "ot": "min",
+    "fd": "min", "cls_score": "max", "pix_jsd": "min", "boundary_err": "min",
+    "boundary_lo": "min", "boundary_hi": "min", "boundary_lo_true": "min", "boundary_hi_true": "min",
+}
+_EVAL_KEYS = {
+    "toy1d": {"w1", "jsd", "hellinger", "out_of_range", "floor_w1", "floor_jsd", "floor_hellinger"},
+    "toy2d": {"ot", "out_of_range"},
+    "image": {"fd", "cls_score", "pix_jsd", "boundary_err", "boundary_lo", "boundary_hi", "boundary_lo_true",
+              "boundary_hi_true", "out_of_range"},
+}
+_DATA_KIND = {"toy1": "toy1d", "toy2": "toy1d", "mixture2d": "toy2d", "fashion_mnist": "image", "digits": "image",
+              "cifar10": "image"}
+
+
+def reported_metrics(cfg: "TrainConfig") -> set[str]:
+    """Every metric name `train(cfg)` can pass to its report callback."""
+    kind = _DATA_KIND.get(cfg.data.name)
+    evals = _EVAL_KEYS[kind] if kind else _EVAL_KEYS["toy1d"] | _EVAL_KEYS["toy2d"]
+    return {"loss", "lr", "step_time_ms"} | evals
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the file or key and the problem."""
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import losses, process, sampling
-from .config import TrainConfig, effective_scale_shift, from_dict, to_dict, to_yaml, validate
+from .config import METRIC_MODES, TrainConfig, effective_scale_shift, from_dict, reported_metrics, to_dict, to_yaml, validate  # noqa: F401  (re-exported)
 from .data import make_dataset
 from .metrics import evaluate
 from .nets import make_net, num_params
@@ -29,38 +29,12 @@ from .precond import BetaPrecond, GaussianPrecond, gaussian_affine
 
 Report = Callable[[int, dict[str, float]], None]
 
-# Direction of every metric the trainer can report (used by sweeps, reports and the dashboard).
-METRIC_MODES: dict[str, str] = {
-    "loss": "min", "lr": "min", "step_time_ms": "min",
-    "w1": "min", "jsd": "min", "hellinger": "min", "out_of_range": "min",
-    "floor_w1": "min", "floor_jsd": "min", "floor_hellinger": "min",
-    "ot": "min",
-    "fd": "min", "cls_score": "max", "pix_jsd": "min", "boundary_err": "min",
-    "boundary_lo": "min", "boundary_hi": "min", "boundary_lo_true": "min", "boundary_hi_true": "min",
-}
-_EVAL_KEYS = {
-    "toy1d": {"w1", "jsd", "hellinger", "out_of_range", "floor_w1", "floor_jsd", "floor_hellinger"},
-    "toy2d": {"ot", "out_of_range"},
-    "image": {"fd", "cls_score", "pix_jsd", "boundary_err", "boundary_lo", "boundary_hi", "boundary_lo_true",
-              "boundary_hi_true", "out_of_range"},
-}
-_DATA_KIND = {"toy1": "toy1d", "toy2": "toy1d", "mixture2d": "toy2d", "fashion_mnist": "image", "digits": "image",
-              "cifar10": "image"}
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; carries the step. The last checkpoint on disk stays loadable."""
 
     def __init__(self, step: int, value: float):
         super().__init__(f"non-finite loss ({value}) at step {step}; last good checkpoint kept")
         self.step = step
-
-
-def reported_metrics(cfg: TrainConfig) -> set[str]:
-    """Every metric name `train(cfg)` can pass to its report callback."""
-    kind = _DATA_KIND.get(cfg.data.name)
-    evals = _EVAL_KEYS[kind] if kind else _EVAL_KEYS["toy1d"] | _EVAL_KEYS["toy2d"]
-    return {"loss", "lr", "step_time_ms"} | evals
 
 
 def git_commit() -> str:

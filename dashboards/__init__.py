@@ -1,0 +1,1 @@
+"""betadiff web dashboard (FastAPI, server-rendered): ``dashboards.app.create_app(tracking_uri)``."""
