@@ -19,7 +19,10 @@ STACK_ENV = Path(".betadiff") / "stack.env"
 
 
 def load_stack_env(path: Path = STACK_ENV) -> None:
-    """Read KEY=VALUE lines written by `platform/local/up`; variables already set win."""
+    """Read KEY=VALUE lines written by `platform/local/up`; variables already set win.
+
+    With an exposed stack, `BETADIFF_STACK_SECRETS` names a 0600 file of MLflow credentials, read the same way.
+    """
     if not path.is_file():
         return
     for line in path.read_text().splitlines():
@@ -27,6 +30,9 @@ def load_stack_env(path: Path = STACK_ENV) -> None:
         if line and not line.startswith("#") and "=" in line:
             k, v = line.split("=", 1)
             os.environ.setdefault(k.strip(), v.strip())
+    secrets = os.environ.get("BETADIFF_STACK_SECRETS")
+    if secrets and Path(secrets).is_file() and Path(secrets) != path:
+        load_stack_env(Path(secrets))
 
 
 def _fail(msg: str, code: int = 2) -> int:

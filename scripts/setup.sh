@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
   [ -x /usr/bin/chromium ] || need+=(chromium)                      # dashboard end-to-end test
+  command -v ss >/dev/null || need+=(iproute2)                      # platform/local health checks
+  command -v pgrep >/dev/null || need+=(procps)
   dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need+=(dataset-fashion-mnist)
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup: apt-get install ${need[*]}"
