@@ -52,11 +52,10 @@ def _run(job: dict) -> dict:
     from betadiff.train import train
     torch.set_num_threads(1)
     cfg = load_config(job["config"], job["overrides"])
-    evals: list[dict] = []
-    t0 = time.perf_counter()
-    final = train(cfg, report=lambda s, m: evals.append({"step": s, **m}) if "jsd" in m else None,
-                  run_dir=job["run_dir"], resume=True)
-    wall = time.perf_counter() - t0
+    final = train(cfg, run_dir=job["run_dir"], resume=True)  # a finished run folder is reused as it is
+    wall = final["train_time_s"]
+    lines = (Path(job["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    evals = [e for e in map(json.loads, lines) if "jsd" in e]
     last = evals[-job["last_k"]:]
     return {**job, "final": {k: final[k] for k in KEYS}, "wall_s": wall,
             "last_mean": {k: statistics.fmean(e[k] for e in last) for k in KEYS},

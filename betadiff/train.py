@@ -212,6 +212,8 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
         g_data.set_state(ck["rng_data"].cpu())
         g_noise.set_state(ck["rng_noise"].cpu())  # generator states are CPU byte tensors, also for CUDA
         start, acc = int(ck["step"]), list(ck["acc"])
+    if start >= t_cfg.steps and (run_dir / "final.json").exists():  # finished before: nothing to redo
+        return json.loads((run_dir / "final.json").read_text())
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     mfile = run_dir / "metrics.jsonl"
     _truncate_metrics(mfile, start)
