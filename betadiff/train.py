@@ -34,7 +34,10 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, step: int, value: float):
         super().__init__(f"non-finite loss ({value}) at step {step}; last good checkpoint kept")
-        self.step = step
+        self.step, self.value = step, value
+
+    def __reduce__(self):  # picklable across Ray process boundaries
+        return type(self), (self.step, self.value)
 
 
 def git_commit() -> str:

@@ -1,0 +1,119 @@
+"""Driver-side Tune callback: one MLflow child run per trial, metrics in batches, stable identity.
+
+Status mapping (docs/architecture.md): finished → FINISHED; stopped by the scheduler before its budget →
+KILLED with `betadiff.pruned=true`; failed → FAILED with `betadiff.error` (a retried trial is marked FAILED
+while it waits and RUNNING again when it restarts from its checkpoint).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from betadiff.sweep.tracking import SweepTracker, error_line
+from betadiff.sweep.trainable import ARTIFACTS, META_KEYS
+
+_SKIP = (
+    set(AUTO_RESULT_KEYS)
+    | set(META_KEYS)
+    | {"done", "trial_id", "experiment_id", "experiment_tag", "should_checkpoint", "__trial_index__"}
+)
+
+
+def metric_items(result: dict[str, Any]) -> dict[str, float]:
+    """The trainer's metrics in a Tune result (numbers only, Tune's bookkeeping left out)."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def was_pruned(result: dict[str, Any] | None) -> bool:
+    """A trial that ended before its budget without an error was stopped by the scheduler."""
+    return (
+        bool(result) and not result.get("final") and int(result.get("step", 0)) < int(result.get("budget", 0))
+    )
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self, tracker: SweepTracker, describe, eval_keys: tuple[str, ...] = (), total: int = 0):
+        """`describe(trial_config) -> (run_name, tags, params)` for a trial's Tune config; `eval_keys` are
+        printed in the one-line progress messages."""
+        self.tracker = tracker
+        self.describe = describe
+        self.eval_keys = eval_keys
+        self.total = total
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id (also in Tune's state)
+        self.failures: dict[str, int] = {}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"runs": dict(self.runs), "failures": dict(self.failures)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.runs.update(state.get("runs", {}))
+        self.failures.update(state.get("failures", {}))
+
+    def _run_id(self, trial) -> str:
+        rid = self.runs.get(trial.trial_id)
+        if rid is None:
+            name, tags, params = self.describe(trial.config)
+            rid = self.tracker.start_child(trial.trial_id, name, tags, params)
+            self.runs[trial.trial_id] = rid
+        return rid
+
+    def _say(self, trial, trials, what: str) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[{done}/{self.total or len(trials)}] trial {trial.trial_id} {what}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rid = self.runs.get(trial.trial_id)
+        if rid is not None:  # restarted after a failure or a driver restore
+            self.tracker.client.update_run(rid, status="RUNNING")
+        else:
+            rid = self._run_id(trial)
+        self._say(trial, trials, f"started  {self.describe(trial.config)[0]}  (run {rid})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("final"):
+            return  # the final report repeats the last evaluation; it carries the artifacts only
+        self.tracker.log_metrics(self._run_id(trial), metric_items(result), int(result.get("step", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rid = self._run_id(trial)
+        result = trial.last_result or {}
+        if trial.checkpoint is not None and result.get("final"):
+            with trial.checkpoint.as_directory() as d:
+                self.tracker.log_artifacts(rid, d, ARTIFACTS)
+            self.tracker.client.set_tag(rid, "betadiff.torch_threads", str(result.get("torch_threads")))
+        vals = "  ".join(
+            f"{k}={result[k]:.4g}" for k in self.eval_keys if isinstance(result.get(k), (int, float))
+        )
+        if was_pruned(result):
+            self.tracker.end_child(rid, "KILLED", {"betadiff.pruned": "true"})
+            self._say(trial, trials, f"pruned at step {result.get('step')}  {vals}")
+        else:
+            self.tracker.end_child(rid, "FINISHED")
+            self._say(trial, trials, f"finished  {vals}")
+
+    def _error(self, trial) -> str:
+        err = trial.get_error()
+        return error_line(str(err)) if err is not None else "unknown error"
+
+    def _failed(self, trial, trials, what: str) -> None:
+        self.failures[trial.trial_id] = self.failures.get(trial.trial_id, 0) + 1
+        err = self._error(trial)
+        self.tracker.end_child(
+            self._run_id(trial),
+            "FAILED",
+            {"betadiff.error": err, "betadiff.failures": str(self.failures[trial.trial_id])},
+        )
+        self._say(trial, trials, f"failed ({what}): {err}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._failed(trial, trials, "retrying from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._failed(trial, trials, "no retries left")

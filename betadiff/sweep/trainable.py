@@ -1,0 +1,126 @@
+"""The Tune trial: a thin wrapper around `betadiff.train.train(cfg, report=...)`.
+
+The trial never talks to MLflow. Every trainer report becomes one `ray.tune.report` (plus `step` and
+`budget`); the driver-side `tracking.MlflowSweepCallback` logs it. Checkpoints written by the trainer are
+handed to Tune (`checkpoint_step == step`), so a retried or restored trial continues from the last one
+exactly (`train(resume=True)`). A final report carries the run's artifacts (config, samples, checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+ARTIFACTS = ("config.yaml", "samples.png", "checkpoint.pt", "final.json")
+# keys the trial adds to the trainer's metrics; the driver does not log them as metrics
+META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads")
+
+
+class TrialError(RuntimeError):
+    """A trial's failure, re-raised with a plain message: Ray must pickle it back to the driver."""
+
+
+def trial_factors(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(varied key -> value, seed) of a trial's Tune config: a grid point, or Optuna's flat dotted keys."""
+    trial = config.get("trial") or {}
+    factors = dict(trial.get("factors") or {})
+    factors.update({k: v for k, v in config.items() if "." in k})
+    seed = trial["seed"] if "seed" in trial else config["seeds"][config.get("__trial_index__", 0)]
+    return factors, int(seed)
+
+
+def trial_config(config: dict[str, Any]):
+    """The TrainConfig of one trial from its Tune config (base + factors/search values + seed + threads)."""
+    from betadiff.config import from_dict, merge_overrides
+
+    base = from_dict(config["base"], where="sweep base")
+    factors, seed = trial_factors(config)
+    threads = max(1, int(config["cpu"]))
+    return merge_overrides(
+        base,
+        {**factors, "train.seed": seed, "train.threads": threads, "train.progress": False},
+        where="trial",
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _bundle(run_dir: Path, names: tuple[str, ...]) -> str:
+    """A fresh directory holding `names` from run_dir (hard links when possible) for a Tune checkpoint."""
+    d = Path(tempfile.mkdtemp(prefix="betadiff_ckpt_"))
+    for n in names:
+        if (run_dir / n).exists():
+            _link_or_copy(run_dir / n, d / n)
+    return str(d)
+
+
+def _restore_into(run_dir: Path) -> None:
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        if (Path(d) / "checkpoint.pt").exists():
+            shutil.copy2(Path(d) / "checkpoint.pt", run_dir / "checkpoint.pt")
+
+
+def make_reporter(budget: int, run_dir: Path, send: Callable[..., None]) -> Callable[[int, dict], None]:
+    """Trainer callback → Tune report; attach a checkpoint when the trainer just wrote one."""
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        out = {**metrics, "step": int(step), "budget": budget}
+        if metrics.get("checkpoint_step") == step and (run_dir / "checkpoint.pt").exists():
+            from ray import tune
+
+            d = _bundle(run_dir, ("checkpoint.pt", "config.yaml"))
+            send(out, checkpoint=tune.Checkpoint.from_directory(d))
+            shutil.rmtree(d, ignore_errors=True)  # Tune persisted a copy
+        else:
+            send(out)
+
+    return report
+
+
+def _run_local(cfg, run_dir: Path, send: Callable[..., None]) -> dict[str, float]:
+    from betadiff.train import NonFiniteLossError, train
+
+    try:
+        return train(cfg, report=make_reporter(cfg.train.steps, run_dir, send), run_dir=run_dir, resume=True)
+    except NonFiniteLossError as e:  # its __init__(step, value) does not survive pickling
+        raise TrialError(f"NonFiniteLossError: {e}") from None
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable (one trial; `config` built by `runner`)."""
+    import torch
+    from ray import tune
+
+    cfg = trial_config(config)
+    # Ray sets OMP_NUM_THREADS=1 in workers: give torch the trial's CPUs back
+    torch.set_num_threads(cfg.train.threads)
+    # per trial id: with reused actors (warm workers) one process runs several trials
+    run_dir = Path(os.getcwd()) / f"run_{tune.get_context().get_trial_id()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _restore_into(run_dir)
+    final = _run_local(cfg, run_dir, tune.report)
+    d = _bundle(run_dir, ARTIFACTS)
+    tune.report(
+        {
+            **(final or {}),
+            "step": cfg.train.steps,
+            "budget": cfg.train.steps,
+            "final": 1,
+            "torch_threads": torch.get_num_threads(),
+        },
+        checkpoint=tune.Checkpoint.from_directory(d),
+    )
+    shutil.rmtree(d, ignore_errors=True)
