@@ -21,11 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print trials, cost and placement; run nothing")
     r.add_argument("--no-measure", action="store_true", help="dry run without the measured step time")
     r.add_argument("--name", default=None, help="override the sweep name")
+    r.add_argument("--smoke", action="store_true", help="apply the file's smoke: overrides (sweep NAME_smoke)")
     r.add_argument("--from-env", action="store_true", help=argparse.SUPPRESS)  # Ray Job entrypoint
     s = sub.add_parser("submit", help="send a sweep to a cluster as a Ray Job")
     s.add_argument("file")
     s.add_argument("--address", required=True, help="dashboard URL, e.g. http://HEAD:8265")
     s.add_argument("--name", default=None)
+    s.add_argument("--smoke", action="store_true", help="apply the file's smoke: overrides (sweep NAME_smoke)")
     for name, helptext in [("status", "job status"), ("logs", "job driver logs"), ("stop", "stop a job")]:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("job")
@@ -50,7 +52,7 @@ def _load(args):
         return load_sweep(raw, name=args.name)
     if not args.file:
         raise SystemExit("betadiff sweep run: a sweep file is required")
-    return load_sweep(args.file, name=getattr(args, "name", None))
+    return load_sweep(args.file, name=getattr(args, "name", None), smoke=getattr(args, "smoke", False))
 
 
 def _main(args) -> int:

@@ -64,7 +64,7 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
     }
     if sweep.spec.search is not None:
         return common  # Optuna fills in the searched keys; Repeater adds __trial_index__ for seeds
-    trials = [{"key": t.key, "factors": t.factors, "seed": t.seed} for t in sweep.trials]
+    trials = [{"key": t.key, "factors": t.factors, "overrides": t.overrides, "seed": t.seed} for t in sweep.trials]
     return {**common, "trial": tune.grid_search(trials)}
 
 
@@ -82,6 +82,7 @@ def describe(config: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any
             "betadiff.config_hash": config_hash(cfg),
             "betadiff.budget": str(cfg.train.steps),
             "betadiff.trial_key": trial_key(factors, seed),
+            "betadiff.workers": str(config.get("workers") or 1),
         }
     )
     return tags["betadiff.trial_key"], tags, flatten(cfg)
@@ -97,6 +98,10 @@ def trainable_with_resources(sweep: Sweep):
     from betadiff.sweep.trainable import run_trial
 
     r = sweep.spec.resources
+    if sweep.workers > 1:
+        # a light driver: the TorchTrainer's workers hold the CPUs/GPUs; a 1-byte memory bundle because Tune
+        # refuses an all-zero request (a CPU fraction would not fit next to 2 workers x 1 CPU on 2 CPUs)
+        return tune.with_resources(run_trial, {"cpu": 0, "memory": 1})
     return tune.with_resources(run_trial, {"cpu": r.cpu, "gpu": r.gpu})
 
 
@@ -150,11 +155,10 @@ def local_capacity() -> list[dict[str, float]]:
     return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
 
 
-def check_placement(sweep: Sweep, nodes: list[dict[str, float]]) -> str:
-    """Raise SweepError when no node (or, data parallel, not enough nodes) can place one trial."""
+def _worker_slots(sweep: Sweep, nodes: list[dict[str, float]]) -> tuple[int, float, list]:
+    """(workers the cluster places at once, GPUs per worker, nodes that fit one worker)."""
     r = sweep.spec.resources
-    w = sweep.workers
-    per_worker_gpu = r.gpu / w if w > 1 else r.gpu
+    per_worker_gpu = r.gpu / sweep.workers if sweep.workers > 1 else r.gpu
     fits = [n for n in nodes if n.get("CPU", 0) >= r.cpu and n.get("GPU", 0) >= per_worker_gpu]
     slots = sum(
         min(
@@ -162,6 +166,14 @@ def check_placement(sweep: Sweep, nodes: list[dict[str, float]]) -> str:
         )
         for n in fits
     )
+    return slots, per_worker_gpu, fits
+
+
+def check_placement(sweep: Sweep, nodes: list[dict[str, float]]) -> str:
+    """Raise SweepError when no node (or, data parallel, not enough nodes) can place one trial."""
+    r = sweep.spec.resources
+    w = sweep.workers
+    slots, per_worker_gpu, fits = _worker_slots(sweep, nodes)
     summary = "; ".join(
         f"node {i}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes)
     )
@@ -315,11 +327,15 @@ def _tuner(sweep: Sweep, callback, exp_dir: Path):
             from ray.tune.search import Repeater
 
             search_alg = Repeater(search_alg, repeat=len(sweep.seeds), set_index=True)
+    concurrent = spec.max_concurrent or None
+    if sweep.workers > 1:  # drivers hold no CPU: cap them so a waiting one does not start a TorchTrainer
+        fit = max(1, _worker_slots(sweep, node_capacity())[0] // sweep.workers)
+        concurrent = min(concurrent or fit, fit)
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
         scheduler=make_scheduler(sweep),
         num_samples=(spec.search.num_samples * len(sweep.seeds)) if spec.search else 1,
-        max_concurrent_trials=spec.max_concurrent or None,
+        max_concurrent_trials=concurrent,
         time_budget_s=spec.time_budget_s,
         trial_dirname_creator=_trial_dirname,
         trial_name_creator=_trial_dirname,

@@ -39,6 +39,9 @@ class FactorsSpec:
     design: str = "grid"  # grid: full factorial | one_at_a_time
     axes: dict[str, Any] = field(default_factory=dict)  # dotted trainer key -> list of values
     baseline: dict[str, Any] = field(default_factory=dict)  # one_at_a_time: default = first value per axis
+    # named bundles of overrides: axis name -> level name -> {dotted key: value}; one axis whose levels set several
+    # keys at once (e.g. method: {gaussian: {diffusion.kind: gaussian, diffusion.loss: eps_mse}})
+    variants: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class SweepSpec:
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     storage: Optional[str] = None  # Tune state; default .betadiff/sweeps (cwd)
+    smoke: dict[str, Any] = field(default_factory=dict)  # overrides for `--smoke` (a tiny run of the same sweep)
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,9 @@ class TrialSpec:
     """One grid point: the overrides it applies on top of the base config, and its identity."""
 
     key: str  # stable: "diffusion.loss=elbo,seed=1"
-    factors: dict[str, Any]
+    factors: dict[str, Any]  # varied key or variant axis -> value or level name
     seed: int
+    overrides: dict[str, Any] = field(default_factory=dict)  # the config keys the factors set (variants expanded)
 
 
 @dataclass
@@ -147,7 +152,19 @@ class Sweep:
         return r.workers or max(1, int(math.ceil(r.gpu)) if r.gpu > 1 else 1)
 
     def trial_config(self, factors: dict[str, Any], seed: int) -> TrainConfig:
-        return merge_overrides(self.base, {**factors, "train.seed": seed}, where=f"{self.path}: trial")
+        overrides = expand_factors(factors, self.spec.factors.variants)
+        return merge_overrides(self.base, {**overrides, "train.seed": seed}, where=f"{self.path}: trial")
+
+
+def expand_factors(factors: dict[str, Any], variants: dict[str, Any]) -> dict[str, Any]:
+    """Factor values -> config overrides: a variant axis's level name becomes that level's {key: value} bundle."""
+    out: dict[str, Any] = {}
+    for k, v in factors.items():
+        if k in variants:
+            out.update(_plain(variants[k])[v])
+        else:
+            out[k] = v
+    return out
 
 
 def _fail(path: str, key: str, problem: str) -> None:
@@ -254,6 +271,25 @@ def _grid(spec: SweepSpec, base: TrainConfig, path: str) -> list[dict[str, Any]]
         for v in vals:
             _check_value(base, k, v, path, where)
         axes[k] = vals
+    for name, levels in _plain(f.variants).items():
+        where = f"factors.variants.{name}"
+        if name in keys or "." in name:
+            _fail(path, where, "a variant axis needs a name that is not a config key (and has no dots)")
+        if name in axes:
+            _fail(path, where, "also listed in factors.axes")
+        if not isinstance(levels, dict) or not levels:
+            _fail(path, where, "must map level names to {config key: value} bundles")
+        for level, bundle in levels.items():
+            if not isinstance(bundle, dict) or not bundle:
+                _fail(path, f"{where}.{level}", "must be a non-empty mapping of config keys to values")
+            for k in bundle:
+                if k not in keys:
+                    _fail(path, f"{where}.{level}.{k}", "not a key of the base config")
+            try:
+                merge_overrides(base, bundle, where="")
+            except ConfigError as e:
+                _fail(path, f"{where}.{level}", str(e).split(": ", 1)[-1].split(": ", 1)[-1])
+        axes[name] = list(levels)
     for k in f.baseline:
         if k not in axes:
             _fail(path, f"factors.baseline.{k}", "not one of factors.axes")
@@ -392,13 +428,8 @@ def _check_resources(spec: SweepSpec, path: str) -> None:
         _fail(path, "resources.workers", "must be >= 0")
     if r.workers and r.gpu > 1 and r.workers != int(r.gpu):
         _fail(path, "resources.workers", f"one worker per GPU: workers must equal gpu ({int(r.gpu)})")
-    if r.workers > 1 or r.gpu > 1:
-        # train() has no data-parallel path yet (no gradient all-reduce hook): refuse rather than run N copies
-        _fail(
-            path,
-            "resources.gpu" if r.gpu > 1 else "resources.workers",
-            "data-parallel trials (more than one worker) are not supported by the trainer yet",
-        )
+    if r.workers > 1 and 0 < r.gpu <= 1:
+        _fail(path, "resources.workers", f"data-parallel workers take one whole GPU each: set gpu: {r.workers}")
     if spec.max_concurrent < 0:
         _fail(path, "max_concurrent", "must be >= 0")
     if spec.max_failures < 0:
@@ -434,9 +465,11 @@ def trial_key(factors: dict[str, Any], seed: int) -> str:
     return ",".join(parts + [f"seed={seed}"])
 
 
-def load_sweep(source: str | Path | dict, name: str | None = None) -> Sweep:
+def load_sweep(source: str | Path | dict, name: str | None = None, smoke: bool = False) -> Sweep:
     """Read, type-check and validate a sweep (file path or mapping); expand its trials.
 
+    smoke=True applies the file's `smoke:` overrides on top of `overrides`, keeps one seed (and at most two searched
+    trials) and names the sweep `<name>_smoke`, so a tiny run of the same design never mixes with the full one.
     Raises SweepError("FILE: key 'a.b': problem") on the first problem found.
     """
     if isinstance(source, dict):
@@ -447,29 +480,43 @@ def load_sweep(source: str | Path | dict, name: str | None = None) -> Sweep:
     spec = _typed(raw, path)
     if name:
         spec.name = name
+    if smoke:
+        if not spec.smoke:
+            _fail(path, "smoke", "--smoke needs a 'smoke:' section of overrides in the sweep file")
+        spec.overrides = {**spec.overrides, **spec.smoke}
+        spec.name = f"{spec.name}_smoke"
+        seeds0 = _plain(spec.seeds)
+        spec.seeds = [seeds0[0]] if isinstance(seeds0, list) and seeds0 else 1  # one replicate
+        if spec.search is not None:
+            spec.search.num_samples = min(spec.search.num_samples, 2)
     if not spec.name or any(c in spec.name for c in "/\\ '\""):
         _fail(path, "name", f"must be a non-empty name without slashes, quotes or spaces (got {spec.name!r})")
     base, source_name = _resolve_base(spec, path)
+    for k in spec.smoke:
+        if k not in config_keys(base):
+            _fail(path, f"smoke.{k}", "not a key of the base config")
     seeds = _seeds(spec, path)
     reported, modes = _metric_modes(base, path)
     metrics = _check_search(spec, base, path, reported, modes)
     points = _grid(spec, base, path)
     _check_scheduler(spec, base, path, reported, metrics, modes, len(seeds))
     _check_resources(spec, path)
-    varied = set(spec.factors.axes) | (set(spec.search.space) if spec.search else set())
+    varied = (set(spec.factors.axes) | set(spec.factors.variants)
+              | (set(spec.search.space) if spec.search else set()))
     _check_report(spec, path, reported, varied)
     trials = []
     for point in points:
+        overrides = expand_factors(point, _plain(spec.factors.variants))
         for seed in seeds:
             try:
-                merge_overrides(base, {**point, "train.seed": seed}, where="")
+                merge_overrides(base, {**overrides, "train.seed": seed}, where="")
             except ConfigError as e:
                 _fail(
                     path,
                     "factors",
                     f"trial {trial_key(point, seed)} is not a valid config: {str(e).split(': ', 1)[-1]}",
                 )
-            trials.append(TrialSpec(trial_key(point, seed), point, seed))
+            trials.append(TrialSpec(trial_key(point, seed), point, seed, overrides))
     resolved = OmegaConf.to_yaml(OmegaConf.structured(spec))
     return Sweep(
         spec=spec,

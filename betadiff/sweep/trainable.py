@@ -38,10 +38,12 @@ def trial_config(config: dict[str, Any]):
 
     base = from_dict(config["base"], where="sweep base")
     factors, seed = trial_factors(config)
+    overrides = {**factors, **((config.get("trial") or {}).get("overrides") or {})}  # variants expanded
+    overrides = {k: v for k, v in overrides.items() if "." in k}  # variant axis names are labels, not keys
     threads = max(1, int(config["cpu"]))
     return merge_overrides(
         base,
-        {**factors, "train.seed": seed, "train.threads": threads, "train.progress": False},
+        {**overrides, "train.seed": seed, "train.threads": threads, "train.progress": False},
         where="trial",
     )
 
@@ -73,8 +75,10 @@ def _restore_into(run_dir: Path) -> None:
             shutil.copy2(Path(d) / "checkpoint.pt", run_dir / "checkpoint.pt")
 
 
-def make_reporter(budget: int, run_dir: Path, send: Callable[..., None]) -> Callable[[int, dict], None]:
-    """Trainer callback → Tune report; attach a checkpoint when the trainer just wrote one."""
+def make_reporter(
+    budget: int, run_dir: Path, send: Callable[..., None], checkpoint_cls: Any = None
+) -> Callable[[int, dict], None]:
+    """Trainer callback → Tune (or Ray Train: `checkpoint_cls`) report; attach the checkpoint just written."""
 
     def report(step: int, metrics: dict[str, float]) -> None:
         out = {**metrics, "step": int(step), "budget": budget}
@@ -82,7 +86,7 @@ def make_reporter(budget: int, run_dir: Path, send: Callable[..., None]) -> Call
             from ray import tune
 
             d = _bundle(run_dir, ("checkpoint.pt", "config.yaml"))
-            send(out, checkpoint=tune.Checkpoint.from_directory(d))
+            send(out, checkpoint=(checkpoint_cls or tune.Checkpoint).from_directory(d))
             shutil.rmtree(d, ignore_errors=True)  # Tune persisted a copy
         else:
             send(out)
@@ -90,13 +94,82 @@ def make_reporter(budget: int, run_dir: Path, send: Callable[..., None]) -> Call
     return report
 
 
-def _run_local(cfg, run_dir: Path, send: Callable[..., None]) -> dict[str, float]:
+def _train(cfg, run_dir: Path, report: Callable[[int, dict], None]) -> dict[str, float]:
     from betadiff.train import NonFiniteLossError, train
 
     try:
-        return train(cfg, report=make_reporter(cfg.train.steps, run_dir, send), run_dir=run_dir, resume=True)
+        return train(cfg, report=report, run_dir=run_dir, resume=True)
     except NonFiniteLossError as e:  # its __init__(step, value) does not survive pickling
         raise TrialError(f"NonFiniteLossError: {e}") from None
+
+
+def _run_local(cfg, run_dir: Path, send: Callable[..., None]) -> dict[str, float]:
+    return _train(cfg, run_dir, make_reporter(cfg.train.steps, run_dir, send))
+
+
+# --- data parallel: a Ray Train TorchTrainer inside the Tune trial ------------------------------------------
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: every rank runs `train()` (data parallel); rank 0 writes the run folder and
+    reports metrics and checkpoints. Train's report is a barrier, so ranks > 0 report empty results in step."""
+    import ray.train
+    import torch
+
+    cfg = trial_config(config)
+    torch.set_num_threads(cfg.train.threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+    run_dir = Path(config["run_dir"])
+    if ray.train.get_context().get_world_rank() > 0:
+        _train(cfg, run_dir, lambda step, metrics: ray.train.report({}))
+        ray.train.report({})  # rank 0's final report
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ray.train.get_checkpoint()  # Train restores its latest checkpoint when the trial is retried
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / "checkpoint.pt").exists():
+                shutil.copy2(Path(d) / "checkpoint.pt", run_dir / "checkpoint.pt")
+    budget = cfg.train.steps
+    final = _train(cfg, run_dir, make_reporter(budget, run_dir, ray.train.report, ray.train.Checkpoint))
+    d = _bundle(run_dir, ARTIFACTS)
+    final = {**final, "step": budget, "budget": budget, "final": 1, "torch_threads": torch.get_num_threads()}
+    ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_data_parallel(config: dict[str, Any], run_dir: Path) -> tuple[dict[str, float], str]:
+    """Fit a TorchTrainer of `workers` ranks (gloo on CPU, nccl on GPU); rank 0's reports reach Tune through
+    TuneReportCallback. Returns (final metrics, a directory holding the run's artifacts)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpu = float(config["gpu"])
+    storage = tune.get_context().get_storage()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**config, "run_dir": str(run_dir)},
+        torch_config=TorchConfig(backend="nccl" if gpu > 0 else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(config["workers"]),
+            use_gpu=gpu > 0,
+            resources_per_worker={"CPU": float(config["cpu"]), **({"GPU": 1} if gpu > 0 else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",  # under the trial's folder: a retried or restored trial resumes this run
+            storage_path=storage.trial_fs_path,
+            storage_filesystem=storage.storage_filesystem,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrialError(str(e)) from None
+    d = tempfile.mkdtemp(prefix="betadiff_ckpt_")
+    with result.checkpoint.as_directory() as src:
+        shutil.copytree(src, d, dirs_exist_ok=True)
+    return {k: v for k, v in result.metrics.items() if k not in ("step", "budget", "final")}, d
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -105,22 +178,19 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     cfg = trial_config(config)
-    # Ray sets OMP_NUM_THREADS=1 in workers: give torch the trial's CPUs back
-    torch.set_num_threads(cfg.train.threads)
     # per trial id: with reused actors (warm workers) one process runs several trials
     run_dir = Path(os.getcwd()) / f"run_{tune.get_context().get_trial_id()}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _restore_into(run_dir)
-    final = _run_local(cfg, run_dir, tune.report)
-    d = _bundle(run_dir, ARTIFACTS)
+    if int(config.get("workers") or 1) > 1:
+        final, d = _run_data_parallel(config, run_dir)
+    else:
+        # Ray sets OMP_NUM_THREADS=1 in workers: give torch the trial's CPUs back
+        torch.set_num_threads(cfg.train.threads)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _restore_into(run_dir)
+        final = {**(_run_local(cfg, run_dir, tune.report) or {}), "torch_threads": torch.get_num_threads()}
+        d = _bundle(run_dir, ARTIFACTS)
     tune.report(
-        {
-            **(final or {}),
-            "step": cfg.train.steps,
-            "budget": cfg.train.steps,
-            "final": 1,
-            "torch_threads": torch.get_num_threads(),
-        },
+        {**final, "step": cfg.train.steps, "budget": cfg.train.steps, "final": 1},
         checkpoint=tune.Checkpoint.from_directory(d),
     )
     shutil.rmtree(d, ignore_errors=True)
