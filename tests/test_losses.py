@@ -25,13 +25,7 @@ from betadiff.process import make_schedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # ~1e4-element ops: with other test runs on the 2 cores, a second OpenMP thread mostly waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):

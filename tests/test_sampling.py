@@ -13,13 +13,7 @@ from betadiff.sampling import GEOMETRIC_MAX_STEPS, make_grid, sample_beta, sampl
 ETA = 1e4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # ~1e4-element ops: with other test runs on the 2 cores, a second OpenMP thread mostly waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):
