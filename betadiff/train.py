@@ -180,13 +180,50 @@ def _seeded(seed: int, *salt: int, device: torch.device | str = "cpu") -> torch.
     return g
 
 
+# --- data parallel: only when a launcher (torchrun, Ray Train, mp.spawn) initialised torch.distributed
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless torch.distributed is initialised with more than one process."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(obj: Any) -> Any:
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return (t / torch.distributed.get_world_size()).tolist()
+
+
+def _gather_rng(g_data: torch.Generator, g_noise: torch.Generator) -> list[list[torch.Tensor]]:
+    """Every rank's [data, noise] generator states (collective): a resumed run equals an uninterrupted one."""
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, [g_data.get_state(), g_noise.get_state().cpu()])
+    return out
+
+
 def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | None = None,
           resume: bool = True) -> dict[str, float]:
-    """Train per `cfg`; returns the final metrics. See docs/architecture.md ("train.py") for the run folder."""
+    """Train per `cfg`; returns the final metrics. See docs/architecture.md ("train.py") for the run folder.
+
+    Data parallel when torch.distributed is initialised with world size W > 1: each rank draws its own
+    `train.batch_size` (global batch W x batch_size), gradients and logged losses are averaged over ranks.
+    Rank 0 alone writes run_dir, evaluates and checkpoints (with every rank's RNG states); ranks > 0 get
+    `report(step, {})` at the same steps (collective reporters such as Ray Train's need every rank; a
+    callback that stops training must raise on every rank) and return {}.
+    """
     validate(cfg)
     t_cfg = cfg.train
+    rank, world = _world()
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     if t_cfg.threads > 0:
         torch.set_num_threads(t_cfg.threads)
@@ -195,37 +232,48 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
     model = build_model(cfg, dataset, device)
     denoiser = model.denoiser
     ema = copy.deepcopy(denoiser).requires_grad_(False) if t_cfg.ema_halflife > 0 else None
-    ema_beta = 0.5 ** (t_cfg.batch_size / t_cfg.ema_halflife) if ema is not None else 0.0
+    ema_beta = 0.5 ** (world * t_cfg.batch_size / t_cfg.ema_halflife) if ema is not None else 0.0  # per image
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     loss_fn = objective(model)
-    g_data = _seeded(t_cfg.seed, 1)
-    g_noise = _seeded(t_cfg.seed, 2, device=device)
+    g_data = _seeded(t_cfg.seed, 1, rank)  # rank 0 draws exactly what a single-process run draws
+    g_noise = _seeded(t_cfg.seed, 2, rank, device=device)
+    fwd = nn.parallel.DistributedDataParallel(denoiser) if world > 1 else denoiser  # averages gradients
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.amp == "bf16")
 
     start, acc = 0, [0.0, 0, 0.0]  # loss sum, count, seconds in the current log window
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, device)
+    ck = load_checkpoint(ckpt_path, "cpu") if rank == 0 and resume and ckpt_path.exists() else None
+    done = json.loads((run_dir / "final.json").read_text()) if (
+        ck is not None and int(ck["step"]) >= t_cfg.steps and (run_dir / "final.json").exists()) else None
+    if world > 1:
+        ck, done = _from_rank0((ck, done))
+    if done is not None:  # finished before: nothing to redo
+        return done if rank == 0 else {}
+    if ck is not None:
         denoiser.load_state_dict(ck["model"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
-        g_data.set_state(ck["rng_data"].cpu())
-        g_noise.set_state(ck["rng_noise"].cpu())  # generator states are CPU byte tensors, also for CUDA
+        rngs = ck.get("rng_ranks") or [[ck["rng_data"], ck["rng_noise"]]]
+        if len(rngs) != world:
+            raise RuntimeError(f"{ckpt_path}: written by {len(rngs)} worker(s), resumed with {world}: "
+                               "an exact resume needs the same number of workers")
+        g_data.set_state(rngs[rank][0].cpu())
+        g_noise.set_state(rngs[rank][1].cpu())  # generator states are CPU byte tensors, also for CUDA
         start, acc = int(ck["step"]), list(ck["acc"])
-    if start >= t_cfg.steps and (run_dir / "final.json").exists():  # finished before: nothing to redo
-        return json.loads((run_dir / "final.json").read_text())
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     mfile = run_dir / "metrics.jsonl"
-    _truncate_metrics(mfile, start)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        _truncate_metrics(mfile, start)
 
-    def save(step: int) -> None:
+    def save(step: int, rng_ranks: list | None) -> None:
         _atomic_save({"model": denoiser.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                       "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                       "rng_data": g_data.get_state(), "rng_noise": g_noise.get_state().cpu(), "acc": acc,
-                      "config": to_dict(cfg), "git": git_commit(), "num_params": num_params(denoiser)}, ckpt_path)
+                      "rng_ranks": rng_ranks, "config": to_dict(cfg), "git": git_commit(),
+                      "num_params": num_params(denoiser)}, ckpt_path)
 
     def evaluation(step: int) -> dict[str, float]:
         net = ema if (ema is not None and cfg.eval.use_ema) else denoiser
@@ -235,7 +283,7 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
 
     is_tty = sys.stderr.isatty()
     bar = None
-    if t_cfg.progress and is_tty:
+    if t_cfg.progress and is_tty and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=t_cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True)
     last: dict[str, float] = {}
@@ -244,8 +292,11 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
         ts = time.perf_counter()
         x0 = model.scale * dataset.sample(t_cfg.batch_size, g_data).to(device) + model.shift
         with autocast:
-            loss, parts = loss_fn(denoiser, x0, g_noise)
+            loss, parts = loss_fn(fwd, x0, g_noise)
         value = float(loss.detach())
+        if world > 1:  # the logged loss and the non-finite check are global: all ranks stop together
+            value, *rest = _mean_over_ranks([value, *parts.values()], device)
+            parts = dict(zip(parts, rest, strict=True))
         if not math.isfinite(value):
             raise NonFiniteLossError(step, value)
         opt.zero_grad(set_to_none=True)
@@ -265,17 +316,26 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
         if bar is not None:
             bar.update(1)
         metrics: dict[str, float] = {}
-        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+        log_due = step % t_cfg.log_every == 0 or step == t_cfg.steps
+        eval_due = (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps
+        ckpt_due = (t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0) or step == t_cfg.steps
+        if log_due:
             metrics.update(loss=acc[0] / acc[1], lr=sched.get_last_lr()[0], step_time_ms=1000 * acc[2] / acc[1])
             metrics.update({f"loss_{k}": float(v) for k, v in parts.items() if k != "loss"})
             acc = [0.0, 0, 0.0]
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-        if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == t_cfg.steps:
+        if eval_due and rank == 0:
             metrics.update(evaluation(step))
-        if (t_cfg.ckpt_every and step % t_cfg.ckpt_every == 0) or step == t_cfg.steps:
-            save(step)
-            metrics["checkpoint_step"] = step
+        if ckpt_due:
+            rng_ranks = _gather_rng(g_data, g_noise) if world > 1 else None  # collective: every rank
+            if rank == 0:
+                save(step, rng_ranks)
+                metrics["checkpoint_step"] = step
+        if rank > 0:
+            if report is not None and (log_due or eval_due or ckpt_due):
+                report(step, {})
+            continue
         if metrics:
             last.update(metrics)
             with mfile.open("a") as f:
@@ -284,6 +344,8 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
                 report(step, metrics)
     if bar is not None:
         bar.close()
+    if rank > 0:
+        return {}
     final = {k: v for k, v in last.items() if k != "checkpoint_step"}
     final.update(step=t_cfg.steps, train_time_s=time.perf_counter() - t0)
     _write_samples(model, ema if (ema is not None and cfg.eval.use_ema) else denoiser, run_dir, t_cfg.seed)

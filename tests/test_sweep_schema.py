@@ -166,7 +166,7 @@ BAD = [
         "never searched",
     ),
     ("fractional gpu", {"resources": {"gpu": 0.5}}, "resources.gpu", "fractional"),
-    ("data parallel", {"resources": {"gpu": 2}}, "resources.gpu", "data-parallel"),
+    ("data parallel", {"resources": {"gpu": 1, "workers": 2}}, "resources.workers", "data-parallel"),
     ("bad scheduler", {"scheduler": {"type": "pbt"}}, "scheduler.type", "asha"),
     ("missing name", {"name": None}, "name", ""),
     ("bad base", {"base": "no_such_config.yaml"}, "base", "not found"),

@@ -4,6 +4,8 @@ The trial never talks to MLflow. Every trainer report becomes one `ray.tune.repo
 `budget`); the driver-side `tracking.MlflowSweepCallback` logs it. Checkpoints written by the trainer are
 handed to Tune (`checkpoint_step == step`), so a retried or restored trial continues from the last one
 exactly (`train(resume=True)`). A final report carries the run's artifacts (config, samples, checkpoint).
+With more than one worker the trial is a light driver around a Ray Train `TorchTrainer` whose ranks run
+`train()` data parallel; rank 0's reports reach Tune through `TuneReportCallback`.
 """
 
 from __future__ import annotations
