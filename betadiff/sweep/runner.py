@@ -385,6 +385,7 @@ def run_sweep(
     if warn:
         out(warn)
     tracker = SweepTracker(uri, sweep.spec.tracking.experiment, sweep.name)
+    tracker.spool = str(exp_dir / "unwritten_metrics.jsonl")
     tracker.start_parent(sweep.sweep_hash, sweep.resolved_yaml, parent_run_id)
     _save_state(
         exp_dir,
@@ -415,6 +416,10 @@ def run_sweep(
         errors = sum(1 for r in results if r.error is not None)
         status = "FINISHED" if errors == 0 else "FAILED"
     finally:
+        unwritten = tracker.flush_spool()
+        if unwritten:
+            out(f"MLflow: {unwritten} metric batch(es) could not be written; they are kept in {tracker.spool} and "
+                f"sent by `betadiff sweep resume {sweep.name}` once the server answers")
         report_md, best = summarise(sweep, uri, out)
         tracker.finish_parent(status, best, report_md)
     out(f"sweep {sweep.name}: {status}; {len(results)} trials, {errors} failed")

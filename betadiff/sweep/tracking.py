@@ -123,6 +123,8 @@ class SweepTracker:
     def __init__(self, uri: str, experiment: str, sweep_name: str):
         self.uri, self.experiment, self.sweep_name = uri, experiment, sweep_name
         self.parent_run_id: str | None = None
+        self.spool: str | None = None  # file of metric batches the server did not take (JSON lines)
+        self._warned = False
         self._client = None
         self._experiment_id: str | None = None
 
@@ -232,12 +234,46 @@ class SweepTracker:
         return rid
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """One log_batch per report. If the server is away, the points go to the spool file (training goes on)
+        and are sent, oldest first, with the next batch that gets through or by `flush_spool`."""
+        if not metrics:
+            return
+        batch = {"run_id": run_id, "step": int(step), "ts": int(time.time() * 1000),
+                 "metrics": {k: float(v) for k, v in metrics.items()}}
+        try:
+            self.flush_spool(raise_errors=True)
+            self._send(batch)
+        except Exception as e:  # noqa: BLE001 - any transport/server error: keep the points, never lose them
+            if self.spool is None:
+                raise
+            with open(self.spool, "a") as f:
+                f.write(json.dumps(batch) + "\n")
+            if not self._warned:
+                self._warned = True
+                print(f"betadiff: warning: MLflow write failed ({error_line(str(e))}); metric points are kept in "
+                      f"{self.spool} and retried with the next report", flush=True)
+
+    def _send(self, batch: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if ms:
-            self.client.log_batch(run_id, metrics=ms, synchronous=True)
+        ms = [Metric(k, v, batch["ts"], batch["step"]) for k, v in batch["metrics"].items()]
+        self.client.log_batch(batch["run_id"], metrics=ms, synchronous=True)
+
+    def flush_spool(self, raise_errors: bool = False) -> int:
+        """Send the spooled metric batches; returns how many are still unwritten (0 when all went through)."""
+        if self.spool is None or not Path(self.spool).exists():
+            return 0
+        batches = [json.loads(ln) for ln in Path(self.spool).read_text().splitlines() if ln.strip()]
+        for i, b in enumerate(batches):
+            try:
+                self._send(b)
+            except Exception:
+                Path(self.spool).write_text("".join(json.dumps(x) + "\n" for x in batches[i:]))
+                if raise_errors:
+                    raise
+                return len(batches) - i
+        Path(self.spool).unlink()
+        return 0
 
     def log_artifacts(self, run_id: str, directory: str | Path, names: tuple[str, ...]) -> None:
         for n in names:
