@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", choices=list(RECIPES), default="ours")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--md", default=None, help="also write the Markdown table here (e.g. docs/toy-reproduction.md)")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing: tabulate the finished runs in OUT/runs (cells without runs show —)")
     a = p.parse_args(argv)
@@ -112,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         indent=1, default=str))
     lines = [f"# Toy reproduction ({a.recipe} recipe: {' '.join(RECIPES[a.recipe])}, {a.steps} steps, "
              f"{a.seeds} seed(s), {a.n_samples} samples)", "",
-             f"Command: `python bench/toy_reproduction.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
+             f"Command: `python bench/toy_reproduction.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+             "(without --table-only it trains what is missing; finished run folders are reused)  ",
              f"Machine: {os.cpu_count()} CPUs, runs in parallel on one thread each; wall/run below is each run's "
              "own training + evaluation time.", "",
              "Final evaluation, mean ± std over seeds; `last-k` is the mean over seeds of each run's last "
-             f"{a.last_k} evaluations. Authors: single runs of their code (spec §8).", ""]
+             f"{a.last_k} evaluations (one every {every} steps). Authors: single runs of their code (spec §8).", ""]
     for d in a.datasets:
         rs = [r for r in results if r["dataset"] == d]
         if not rs:
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' / '.join(f'{v:.4f}' for v in au) if au else '—'} |")
         lines.append("")
     (out / "toy_reproduction.md").write_text("\n".join(lines))
+    if a.md:
+        Path(a.md).write_text("\n".join(lines))
     print("\n".join(lines))
     bad = [r for r in results if any(not math.isfinite(v) for v in r["final"].values())]
     return 1 if bad else 0
