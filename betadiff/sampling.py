@@ -71,6 +71,31 @@ def _chunked(
     return merged
 
 
+def _chain(denoiser, state: Tensor, step, ts: Tensor, alphas: Tensor, chunk: int, dtype: torch.dtype, name: str,
+           return_trajectory: bool, callback: Callback | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The ancestral loop both samplers share: net call at ts[i], then `step` from grid point i to i + 1.
+
+    `step(state, net_out, i)` returns the new state (Beta: x0_hat is the net output) or (new state, x0_hat)
+    (Gaussian: the net predicts eps). Returns (final state, last x0_hat, {name: (T+1, n, *D), "x0_hat": (T, ...)}).
+    """
+    n = state.shape[0]
+    traj_s, traj_x = [state], []
+    x0_hat = state
+    for i in range(len(ts) - 1):
+        t = ts[i].to(dtype=dtype, device=state.device).expand(n)
+        net_out = denoiser(state, t)
+        new = step(state, net_out, i)
+        state, x0_hat = new if isinstance(new, tuple) else (new, net_out)
+        if return_trajectory:
+            traj_s.append(state)
+            traj_x.append(x0_hat)
+        if callback is not None:
+            callback({"i": i, "chunk": chunk, "t": float(ts[i]), "alpha_t": float(alphas[i]),
+                      "alpha_s": float(alphas[i + 1]), "x0_hat": x0_hat, name: state})
+    traj = {name: torch.stack(traj_s), "x0_hat": torch.stack(traj_x)} if return_trajectory else {}
+    return state, x0_hat, traj
+
+
 @torch.no_grad()
 def sample_beta(
     denoiser: Callable[[Tensor, Tensor], Tensor],
@@ -109,35 +134,15 @@ def sample_beta(
 
     def run(chunk: int, n: int) -> dict[str, Any]:
         logit_z = sample_logit_prior((n, *shape[1:]), mu_model, alphas[0], eta, generator, dtype, device)
-        traj_z, traj_x = [logit_z], []
-        x0_hat = None
-        for i in range(steps):
-            t = ts[i].to(dtype=dtype, device=logit_z.device).expand(n)
-            x0_hat = denoiser(logit_z, t)
-            logit_z = sample_logit_reverse(logit_z, x0_hat, alphas[i + 1], alphas[i], eta, generator)
-            if return_trajectory:
-                traj_z.append(logit_z)
-                traj_x.append(x0_hat)
-            if callback is not None:
-                callback(
-                    dict(
-                        i=i,
-                        chunk=chunk,
-                        t=float(ts[i]),
-                        alpha_t=float(alphas[i]),
-                        alpha_s=float(alphas[i + 1]),
-                        x0_hat=x0_hat,
-                        logit_z=logit_z,
-                    )
-                )
+
+        def step(z: Tensor, x0_hat: Tensor, i: int) -> Tensor:
+            return sample_logit_reverse(z, x0_hat, alphas[i + 1], alphas[i], eta, generator)
+
+        logit_z, x0_hat, traj = _chain(denoiser, logit_z, step, ts, alphas, chunk, dtype, "logit_z",
+                                       return_trajectory, callback)
         out = {"x0_hat": x0_hat, "z0": torch.sigmoid(logit_z) / alphas[-1].to(dtype)}
         if return_trajectory:
-            out["trajectory"] = {
-                "t": ts,
-                "alpha": alphas,
-                "logit_z": torch.stack(traj_z),
-                "x0_hat": torch.stack(traj_x),
-            }
+            out["trajectory"] = {"t": ts, "alpha": alphas, **traj}
         return out
 
     return _chunked(shape[0], batch_size, run)
@@ -171,35 +176,14 @@ def sample_gaussian(
 
     def run(chunk: int, n: int) -> dict[str, Any]:
         x = torch.randn((n, *shape[1:]), dtype=dtype, device=device, generator=generator)
-        traj_x, traj_x0 = [x], []
-        x0_hat = None
-        for i in range(steps):
-            t = ts[i].to(dtype=dtype, device=x.device).expand(n)
-            eps_hat = denoiser(x, t)
-            x, x0_hat = ddpm_step(x, eps_hat, alpha_bars[i + 1], alpha_bars[i], generator)
-            if return_trajectory:
-                traj_x.append(x)
-                traj_x0.append(x0_hat)
-            if callback is not None:
-                callback(
-                    dict(
-                        i=i,
-                        chunk=chunk,
-                        t=float(ts[i]),
-                        alpha_t=float(alpha_bars[i]),
-                        alpha_s=float(alpha_bars[i + 1]),
-                        x0_hat=x0_hat,
-                        x=x,
-                    )
-                )
+
+        def step(x_t: Tensor, eps_hat: Tensor, i: int) -> tuple[Tensor, Tensor]:
+            return ddpm_step(x_t, eps_hat, alpha_bars[i + 1], alpha_bars[i], generator)
+
+        x, x0_hat, traj = _chain(denoiser, x, step, ts, alpha_bars, chunk, dtype, "x", return_trajectory, callback)
         out = {"x0_hat": x0_hat, "x0": x}
         if return_trajectory:
-            out["trajectory"] = {
-                "t": ts,
-                "alpha_bar": alpha_bars,
-                "x": torch.stack(traj_x),
-                "x0_hat": torch.stack(traj_x0),
-            }
+            out["trajectory"] = {"t": ts, "alpha_bar": alpha_bars, **traj}
         return out
 
     return _chunked(shape[0], batch_size, run)
