@@ -7,6 +7,8 @@ while it waits and RUNNING again when it restarts from its checkpoint).
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from ray.tune import Callback
@@ -99,7 +101,11 @@ class MlflowSweepCallback(Callback):
             self._say(trial, trials, f"finished  {vals}")
 
     def _error(self, trial) -> str:
-        err = trial.get_error()
+        err = trial.get_error()  # reads the synced copy in storage, which may lag behind
+        local = getattr(trial, "error_file", None)  # written by Tune before it calls this callback
+        if err is None and local and os.path.exists(local):
+            with open(local) as f:
+                err = f.read()
         return error_line(str(err)) if err is not None else "unknown error"
 
     def _failed(self, trial, trials, what: str) -> None:
