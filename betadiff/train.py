@@ -268,11 +268,13 @@ def train(cfg: TrainConfig, report: Report | None = None, run_dir: str | Path | 
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         _truncate_metrics(mfile, start)
 
+    commit = git_commit() if rank == 0 else "unknown"  # once per run, not a subprocess per checkpoint
+
     def save(step: int, rng_ranks: list | None) -> None:
         _atomic_save({"model": denoiser.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                       "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                       "rng_data": g_data.get_state(), "rng_noise": g_noise.get_state().cpu(), "acc": acc,
-                      "rng_ranks": rng_ranks, "config": to_dict(cfg), "git": git_commit(),
+                      "rng_ranks": rng_ranks, "config": to_dict(cfg), "git": commit,
                       "num_params": num_params(denoiser)}, ckpt_path)
 
     def evaluation(step: int) -> dict[str, float]:
