@@ -29,10 +29,12 @@ def test_paper_sweep_validates(path):
 
 def test_the_six_methods_and_ablations_are_covered():
     by_name = {load_sweep(p).name: load_sweep(p) for p in PAPER}
-    beta = {t.factors["diffusion.loss"] for t in by_name["paper_toy_beta_methods"].trials}
-    gauss = {t.factors["diffusion.loss"] for t in by_name["paper_toy_gaussian_methods"].trials}
-    assert beta == {"klub", "elbo", "klub_cond", "klub_marg"} and gauss == {"eps_mse", "gauss_klub"}
-    assert by_name["paper_toy_beta_methods"].seeds == [0, 1, 2]
+    tm = by_name["paper_toy_methods"]
+    losses = {(c.diffusion.kind, c.diffusion.loss, c.data.name)
+              for c in (tm.trial_config(t.factors, t.seed) for t in tm.trials)}
+    six = {("beta", "klub"), ("beta", "elbo"), ("beta", "klub_cond"), ("beta", "klub_marg"),
+           ("gaussian", "eps_mse"), ("gaussian", "gauss_klub")}
+    assert losses == {(*m, d) for m in six for d in ("toy1", "toy2")} and tm.seeds == [0, 1, 2]
     assert {t.factors["diffusion.eta"] for t in by_name["paper_toy1_eta"].trials} == {1e2, 1e3, 1e4, 1e5}
     assert {t.factors["eval.steps"] for t in by_name["paper_toy1_sampling_steps"].trials} == {10, 20, 50, 200}
     ss = by_name["paper_toy1_scale_shift"]

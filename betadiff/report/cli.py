@@ -48,7 +48,13 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"betadiff {cmd}")
     if cmd == "report":
         p.description = "Ablation table of a sweep: mean ± std over seeds per cell, best per metric in bold."
-        p.add_argument("sweep", help="sweep YAML path or sweep name")
+        p.add_argument("sweep", nargs="?", help="sweep YAML path or sweep name")
+        p.add_argument(
+            "--document",
+            metavar="SPEC",
+            help="write a whole reproduction document (several sweeps, reference numbers, claims, run ids) "
+            "from this spec YAML instead of one table; -o FILE.md",
+        )
         _experiment_arg(p)
         p.add_argument("--rows", nargs="+", action="extend", help="dotted factor keys for table rows")
         p.add_argument("--cols", nargs="+", action="extend", help="dotted factor keys for table columns")
@@ -105,7 +111,30 @@ def _warn_exposed(host: str, what: str) -> None:
         )
 
 
+def _document(a: argparse.Namespace) -> int:
+    from betadiff.report.document import read_document_spec, render_document
+
+    if a.sweep:
+        raise ReportError("--document takes no sweep argument (the spec names the sweeps)")
+    if len(a.output) > 1 or any(Path(o).suffix.lower() != ".md" for o in a.output):
+        raise ReportError("--document writes Markdown: give at most one -o FILE.md")
+    spec = read_document_spec(a.document)
+    out = Path(a.output[0]) if a.output else None
+    text = render_document(spec, out, a.tracking_uri)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    if not (a.quiet and out):
+        sys.stdout.write(text)
+    return 0
+
+
 def _report(a: argparse.Namespace) -> int:
+    if a.document:
+        return _document(a)
+    if not a.sweep:
+        raise ReportError("name a sweep (YAML path or name), or give --document SPEC")
     outputs = []
     for o in a.output:  # check before any work starts
         fmt = _SUFFIX_FORMAT.get(Path(o).suffix.lower())

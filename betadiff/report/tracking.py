@@ -407,6 +407,7 @@ def load_sweep(
             pruned=tags.get(TAG_PRUNED) == "true",
             error=tags.get(TAG_ERROR),
             start_time=t.info.start_time,
+            end_time=t.info.end_time,
             metrics=dict(t.data.metrics),
             params=dict(t.data.params),
         )
@@ -422,6 +423,7 @@ def load_sweep(
         "pruned",
         "error",
         "start_time",
+        "end_time",
         "metrics",
         "params",
         *factors,

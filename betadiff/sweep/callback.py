@@ -8,7 +8,6 @@ while it waits and RUNNING again when it restarts from its checkpoint).
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from ray.tune import Callback

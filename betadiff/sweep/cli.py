@@ -12,6 +12,28 @@ import os
 import sys
 
 
+def _slice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", default=[], metavar="FACTOR=L1,L2",
+                   help="run only these levels of a factor (repeatable); give the slice its own --name")
+    p.add_argument("--seeds", default=None, metavar="S1,S2", help="run these seeds instead of the file's")
+
+
+def _slice(args) -> dict:
+    only: dict[str, list[str]] = {}
+    for item in args.only:
+        key, sep, levels = item.partition("=")
+        if not sep or not key or not levels:
+            raise SystemExit(f"betadiff sweep: --only wants FACTOR=LEVEL[,LEVEL...] (got {item!r})")
+        only.setdefault(key, []).extend(v for v in levels.split(",") if v)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"betadiff sweep: --seeds wants integers like 0,1,2 (got {args.seeds!r})") from None
+    return {"only": only or None, "seeds": seeds}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="betadiff sweep", description="Ray Tune sweeps tracked in MLflow.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -22,12 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-measure", action="store_true", help="dry run without the measured step time")
     r.add_argument("--name", default=None, help="override the sweep name")
     r.add_argument("--smoke", action="store_true", help="apply the file's smoke: overrides (sweep NAME_smoke)")
+    _slice_args(r)
     r.add_argument("--from-env", action="store_true", help=argparse.SUPPRESS)  # Ray Job entrypoint
     s = sub.add_parser("submit", help="send a sweep to a cluster as a Ray Job")
     s.add_argument("file")
     s.add_argument("--address", required=True, help="dashboard URL, e.g. http://HEAD:8265")
     s.add_argument("--name", default=None)
     s.add_argument("--smoke", action="store_true", help="apply the file's smoke: overrides (sweep NAME_smoke)")
+    _slice_args(s)
     for name, helptext in [("status", "job status"), ("logs", "job driver logs"), ("stop", "stop a job")]:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("job")
@@ -52,7 +76,7 @@ def _load(args):
         return load_sweep(raw, name=args.name)
     if not args.file:
         raise SystemExit("betadiff sweep run: a sweep file is required")
-    return load_sweep(args.file, name=getattr(args, "name", None), smoke=getattr(args, "smoke", False))
+    return load_sweep(args.file, name=getattr(args, "name", None), smoke=getattr(args, "smoke", False), **_slice(args))
 
 
 def _main(args) -> int:

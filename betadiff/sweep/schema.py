@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -465,10 +466,37 @@ def trial_key(factors: dict[str, Any], seed: int) -> str:
     return ",".join(parts + [f"seed={seed}"])
 
 
-def load_sweep(source: str | Path | dict, name: str | None = None, smoke: bool = False) -> Sweep:
+def _slice(spec: SweepSpec, only: dict[str, list[str]], path: str) -> None:
+    """Keep only the named levels of some factors (`--only method=beta_klub,beta_elbo`); the levels are matched by
+    their YAML value or their text, so `--only diffusion.eta=1e2` finds 100.0."""
+    f = spec.factors
+    for key, wanted in only.items():
+        table = f.axes if key in f.axes else f.variants if key in f.variants else None
+        if table is None:
+            factors = ", ".join([*f.axes, *f.variants]) or "none"
+            _fail(path, f"--only {key}", f"not a factor of this sweep (factors: {factors})")
+        levels = _plain(table[key])
+        names = list(levels) if isinstance(levels, dict) else levels
+        keep = []
+        for w in wanted:
+            hits = [n for n in names if n == yaml.safe_load(w) or str(n) == w]
+            if not hits:
+                _fail(path, f"--only {key}", f"no level {w!r} (levels: {', '.join(map(str, names))})")
+            keep += [n for n in hits if n not in keep]
+        table[key] = {n: levels[n] for n in keep} if isinstance(levels, dict) else keep
+
+
+def load_sweep(
+    source: str | Path | dict,
+    name: str | None = None,
+    smoke: bool = False,
+    only: dict[str, list[str]] | None = None,
+    seeds: list[int] | None = None,
+) -> Sweep:
     """Read, type-check and validate a sweep (file path or mapping); expand its trials.
 
-    smoke=True applies the file's `smoke:` overrides on top of `overrides`, keeps one seed (and at most two searched
+    only/seeds run a slice of the file: some levels of some factors, other seeds (the resolved YAML records the
+    slice). smoke=True applies the file's `smoke:` overrides on top of `overrides`, keeps one seed (and at most two searched
     trials) and names the sweep `<name>_smoke`, so a tiny run of the same design never mixes with the full one.
     Raises SweepError("FILE: key 'a.b': problem") on the first problem found.
     """
@@ -480,6 +508,10 @@ def load_sweep(source: str | Path | dict, name: str | None = None, smoke: bool =
     spec = _typed(raw, path)
     if name:
         spec.name = name
+    if only:
+        _slice(spec, only, path)
+    if seeds is not None:
+        spec.seeds = list(seeds)
     if smoke:
         if not spec.smoke:
             _fail(path, "smoke", "--smoke needs a 'smoke:' section of overrides in the sweep file")

@@ -1,0 +1,150 @@
+"""`betadiff report --document`: a reproduction document from several sweeps of a real MLflow store: numbers equal
+an independent aggregation over MLflow's own API, slices merge into one table, reference numbers sit beside ours,
+claims are checked, every cell names its run ids, and regenerating from the same store gives the same bytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from betadiff.report.cli import main
+
+HERE = Path(__file__).resolve().parent
+
+
+def _store_module():
+    spec = importlib.util.spec_from_file_location("test_report_store", HERE / "test_report_store.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The shared ablation store plus a slice sweep `toyabl_more` adding seed 2 of (klub, eta=10)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("docstore")
+    info = _store_module().build_store(root)
+    client = MlflowClient(tracking_uri=info["uri"])
+    t0 = 1_700_100_000_000
+    parent = client.create_run(
+        info["experiment_id"], start_time=t0, run_name="toyabl_more",
+        tags={"betadiff.role": "sweep", "betadiff.sweep": "toyabl_more", "betadiff.status": "FINISHED"},
+    ).info.run_id
+    rid = client.create_run(
+        info["experiment_id"], start_time=t0 + 1000, run_name="toyabl_more-000",
+        tags={"mlflow.parentRunId": parent, "betadiff.role": "trial", "betadiff.sweep": "toyabl_more",
+              "betadiff.factor.diffusion.loss": "klub", "betadiff.factor.diffusion.eta": "10",
+              "betadiff.seed": "2", "betadiff.budget": "30"},
+    ).info.run_id
+    client.log_batch(rid, metrics=[Metric("w1", v, t0 + 2000 + s, s) for s, v in ((10, 0.05), (20, 0.03), (30, 0.017))]
+                     + [Metric("jsd", v, t0 + 2000 + s, s) for s, v in ((10, 0.02), (20, 0.01), (30, 0.006))])
+    client.set_terminated(rid, "FINISHED", end_time=t0 + 61_000)
+    client.set_terminated(parent, "FINISHED", end_time=t0 + 65_000)
+    info["extra_run"] = rid
+    return info
+
+
+def _spec(tmp_path: Path, store: dict, **over) -> Path:
+    text = textwrap.dedent(f"""\
+        title: Test reproduction
+        intro: Our numbers beside theirs.
+        machine: 2 cores, test machine
+        regenerate: betadiff report --document spec.yaml -o doc.md
+        tracking_uri: "{store['uri']}"
+        experiment: ablate
+        sections:
+          - title: Loss ablation
+            sweeps: [toyabl, toyabl_more]
+            commands: ["betadiff sweep run toyabl.yaml"]
+            rows: [diffusion.loss]
+            cols: [diffusion.eta]
+            metrics: [w1, jsd]
+            last_k: 2
+            last_k_metrics: [w1]
+            reference:
+              - {{where: {{diffusion.loss: klub, diffusion.eta: 1}}, w1: 0.021, jsd: 0.007}}
+            claims:
+              - {{text: klub below 0.05, where: {{diffusion.loss: klub, diffusion.eta: 1}}, metric: w1, op: "<=", value: 0.05}}
+              - {{text: elbo beats klub, where: {{diffusion.loss: elbo, diffusion.eta: 1}}, metric: w1, op: "<",
+                  than: {{diffusion.loss: klub, diffusion.eta: 1}}}}
+              - {{text: missing cell, where: {{diffusion.loss: elbo, diffusion.eta: 10}}, metric: w1, value: 1.0}}
+            figures: [w1]
+            notes: Honest notes here.
+        """)
+    for k, v in over.items():
+        text = text.replace(k, v)
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+def _independent(uri: str, run_ids: list[str], metric: str, last_k: int = 1) -> float:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    vals = []
+    for rid in run_ids:
+        h = sorted(c.get_metric_history(rid, metric), key=lambda m: (m.step, m.timestamp))
+        by_step = {m.step: m.value for m in h}
+        steps = sorted(by_step)[-last_k:]
+        vals.append(np.mean([by_step[s] for s in steps]))
+    return float(np.mean(vals))
+
+
+def test_document_numbers_claims_runs_and_bytes(store, tmp_path, capsys):
+    spec = _spec(tmp_path, store)
+    out = tmp_path / "doc.md"
+    assert main(["report", "--document", str(spec), "-o", str(out), "-q"]) == 0
+    text = out.read_text()
+    assert text.startswith("# Test reproduction") and "Honest notes here." in text and "2 cores" in text
+    # the (klub, 10) cell merges toyabl's seeds 0, 1 with toyabl_more's seed 2
+    finished = {(t["loss"], t["eta"]): [] for t in store["trials"]}
+    for t in store["trials"]:
+        if t["status"] == "FINISHED" and t["budget"] == 30:
+            finished[(t["loss"], t["eta"])].append(t["run_id"])
+    finished[("klub", "10")].append(store["extra_run"])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| klub | 10 |"))
+    cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+    assert cells[2] == "3"
+    w1 = _independent(store["uri"], finished[("klub", "10")], "w1")
+    assert abs(float(cells[3].split(" ± ")[0]) - w1) < 1e-3
+    lastk = _independent(store["uri"], finished[("klub", "10")], "w1", last_k=2)
+    assert abs(float(cells[5]) - lastk) < 1e-3
+    for rid in finished[("klub", "10")]:  # short ids in the table, full ids below it
+        assert rid[:8] in row and f"`{rid}`" in text
+    ref_row = next(ln for ln in text.splitlines() if ln.startswith("| klub | 1 |"))
+    assert "0.021" in ref_row and "0.007" in ref_row
+    assert re.search(r"✓ holds: klub below 0\.05", text)
+    assert re.search(r"✗ fails: elbo beats klub", text)
+    assert "? missing cell: not measured" in text
+    png = tmp_path / "doc" / "loss_ablation_w1.png"
+    assert png.is_file() and "](doc/loss_ablation_w1.png)" in text
+    assert "toyabl_more" in text and store["parent"] in text
+    # regenerating from the same store gives the same document and figure
+    first, fig = text, png.read_bytes()
+    assert main(["report", "--document", str(spec), "-o", str(out), "-q"]) == 0
+    assert out.read_text() == first and png.read_bytes() == fig
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (("notes: Honest", "nots: Honest"), "nots"),
+        (('op: "<="', 'op: "=="'), "claims[0].op"),
+        (("sweeps: [toyabl, toyabl_more]", "sweeps: [nosuch]"), "nosuch"),
+        (("sweeps: [toyabl, toyabl_more]", "sweeps: []"), "sweeps"),
+    ],
+)
+def test_bad_document_spec_one_line(store, tmp_path, capsys, edit, needle):
+    spec = _spec(tmp_path, store, **{edit[0]: edit[1]})
+    assert main(["report", "--document", str(spec), "-o", str(tmp_path / "d.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and not (tmp_path / "d.md").exists()
