@@ -13,7 +13,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from betadiff.sweep.tracking import SweepTracker, error_line
+from betadiff.sweep.tracking import SweepTracker, error_line, is_pending
 from betadiff.sweep.trainable import ARTIFACTS, META_KEYS
 
 _SKIP = (
@@ -51,18 +51,22 @@ class MlflowSweepCallback(Callback):
         self.failures: dict[str, int] = {}
 
     def get_state(self) -> dict[str, Any]:
-        return {"runs": dict(self.runs), "failures": dict(self.failures)}
+        runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
+        return {"runs": runs, "failures": dict(self.failures)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.runs.update(state.get("runs", {}))
         self.failures.update(state.get("failures", {}))
 
     def _run_id(self, trial) -> str:
+        """The trial's run id; a pending key (`trial:<id>`) while the server has not created the run."""
         rid = self.runs.get(trial.trial_id)
         if rid is None:
             name, tags, params = self.describe(trial.config)
             rid = self.tracker.start_child(trial.trial_id, name, tags, params)
-            self.runs[trial.trial_id] = rid
+        elif is_pending(rid):
+            rid = self.tracker.resolved.get(rid, rid)
+        self.runs[trial.trial_id] = rid
         return rid
 
     def _say(self, trial, trials, what: str) -> None:
@@ -72,10 +76,10 @@ class MlflowSweepCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         rid = self.runs.get(trial.trial_id)
         if rid is not None:  # restarted after a failure or a driver restore
-            self.tracker.client.update_run(rid, status="RUNNING")
-        else:
-            rid = self._run_id(trial)
-        self._say(trial, trials, f"started  {self.describe(trial.config)[0]}  (run {rid})")
+            self.tracker.set_status(self._run_id(trial), "RUNNING")
+        rid = self._run_id(trial)
+        run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
+        self._say(trial, trials, f"started  {self.describe(trial.config)[0]}  ({run})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):
@@ -88,7 +92,7 @@ class MlflowSweepCallback(Callback):
         if trial.checkpoint is not None and result.get("final"):
             with trial.checkpoint.as_directory() as d:
                 self.tracker.log_artifacts(rid, d, ARTIFACTS)
-            self.tracker.client.set_tag(rid, "betadiff.torch_threads", str(result.get("torch_threads")))
+            self.tracker.set_tags(rid, {"betadiff.torch_threads": str(result.get("torch_threads"))})
         vals = "  ".join(
             f"{k}={result[k]:.4g}" for k in self.eval_keys if isinstance(result.get(k), (int, float))
         )

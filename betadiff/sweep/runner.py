@@ -368,7 +368,13 @@ def run_sweep(
     from ray import tune
 
     from betadiff.sweep.callback import MlflowSweepCallback
-    from betadiff.sweep.tracking import SweepTracker, preflight, resolve_tracking_uri, sqlite_warning
+    from betadiff.sweep.tracking import (
+        SweepTracker,
+        error_line,
+        preflight,
+        resolve_tracking_uri,
+        sqlite_warning,
+    )
 
     exp_dir = experiment_dir(sweep)
     uri = resolve_tracking_uri(sweep.spec.tracking.uri)
@@ -385,7 +391,10 @@ def run_sweep(
     if warn:
         out(warn)
     tracker = SweepTracker(uri, sweep.spec.tracking.experiment, sweep.name)
+    # the journal of writes the server did not take (all kinds now; the name is kept because the callback
+    # pickled in the Tune state of an existing sweep points at it)
     tracker.spool = str(exp_dir / "unwritten_metrics.jsonl")
+    tracker.retry_s = 30.0  # a server that is away costs one bounded wait per 30 s or more, not one per write
     tracker.start_parent(sweep.sweep_hash, sweep.resolved_yaml, parent_run_id)
     _save_state(
         exp_dir,
@@ -418,10 +427,19 @@ def run_sweep(
     finally:
         unwritten = tracker.flush_spool()
         if unwritten:
-            out(f"MLflow: {unwritten} metric batch(es) could not be written; they are kept in {tracker.spool} and "
-                f"sent by `betadiff sweep resume {sweep.name}` once the server answers")
+            out(
+                f"MLflow: {unwritten} operation(s) (metrics, tags, run statuses, artifacts) could not be "
+                f"written; they are kept in {tracker.spool} (artifact files in {tracker.artifact_dir}) and "
+                f"sent by `betadiff sweep resume {sweep.name}` once the server answers"
+            )
         report_md, best = summarise(sweep, uri, out)
-        tracker.finish_parent(status, best, report_md)
+        try:
+            tracker.finish_parent(status, best, report_md)
+        except Exception as e:  # noqa: BLE001 - the server is away: say so; resume closes the parent run
+            out(
+                f"MLflow: parent run {tracker.parent_run_id} could not be closed ({error_line(str(e))}); "
+                f"`betadiff sweep resume {sweep.name}` closes it once the server answers"
+            )
     out(f"sweep {sweep.name}: {status}; {len(results)} trials, {errors} failed")
     if report_md:
         out(report_md)

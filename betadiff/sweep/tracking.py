@@ -8,6 +8,12 @@ no access to the store at all.
 Run identity: the parent run id is saved next to the Tune state (`<storage>/<name>/betadiff_sweep.json`);
 a child run is found again by its tags (`betadiff.trial_id` under that parent) before one is created, so a
 resumed sweep creates no duplicate runs.
+
+Durability: every child-run write (creation, metrics, tags, status, artifacts, end) goes through one journal
+(`SweepTracker.spool`, JSON lines). A write the server does not take is appended there, with copies of its
+artifact files, and training goes on; the journal is sent oldest first before the next write gets through,
+so a run's end never reaches the server before its points. A trial whose run could not be created is written
+under a pending key (`trial:<trial_id>`) until the run exists.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT, TRIAL = "sweep", "trial"
+PENDING = "trial:"  # prefix of the key that stands for a child run the server has not created yet
 
 
 class TrackingError(RuntimeError):
@@ -123,13 +132,19 @@ class SweepTracker:
     def __init__(self, uri: str, experiment: str, sweep_name: str):
         self.uri, self.experiment, self.sweep_name = uri, experiment, sweep_name
         self.parent_run_id: str | None = None
-        self.spool: str | None = None  # file of metric batches the server did not take (JSON lines)
+        self.spool: str | None = None  # journal of writes the server did not take (JSON lines, oldest first)
+        self.retry_s = 0.0  # after a failed write, journal without trying the server for this long
+        self.resolved: dict[str, str] = {}  # pending key "trial:<trial_id>" -> run id, once the run exists
         self._warned = False
+        self._fails, self._retry_at = 0, 0.0
         self._client = None
         self._experiment_id: str | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+    def __getstate__(self) -> dict[str, Any]:  # a fresh process starts with a client and an outage of its own
+        return {**self.__dict__, "_client": None, "_warned": False, "_fails": 0, "_retry_at": 0.0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a tracker pickled before the journal: defaults
+        self.__dict__.update({"retry_s": 0.0, "resolved": {}, "_fails": 0, "_retry_at": 0.0, **state})
 
     @property
     def client(self):
@@ -189,13 +204,17 @@ class SweepTracker:
 
     # --- children ---------------------------------------------------------------------------------------
     def find_child(self, trial_id: str) -> str | None:
+        run = self._child_run(trial_id, self.parent_run_id)
+        return run.info.run_id if run is not None else None
+
+    def _child_run(self, trial_id: str, parent: str | None):
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`betadiff.trial_id` = '{_q(trial_id)}' and "
-            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            f"tags.`mlflow.parentRunId` = '{parent}'",
             max_results=5,
         )
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def children(self) -> list:
         from mlflow.entities import ViewType
@@ -208,80 +227,226 @@ class SweepTracker:
         )
 
     def start_child(self, trial_id: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """The child run of `trial_id`: found by tag and set RUNNING again, or created with params."""
-        from mlflow.entities import Param
+        """The child run of `trial_id`: found by tag and set RUNNING again, or created with params.
 
-        c = self.client
-        rid = self.find_child(trial_id)
-        if rid is not None:
-            c.update_run(rid, status="RUNNING")
-            return rid
-        run = c.create_run(
-            self.experiment_id,
-            run_name=run_name,
-            tags={
-                "mlflow.parentRunId": self.parent_run_id,
-                "betadiff.role": TRIAL,
-                "betadiff.sweep": self.sweep_name,
-                "betadiff.trial_id": trial_id,
-                **tags,
-            },
-        )
-        rid = run.info.run_id
-        ps = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(ps), 100):  # MLflow's batch limit is 100 params
-            c.log_batch(rid, params=ps[i : i + 100])
-        return rid
+        If the server is away, the creation is journalled and the pending key `trial:<trial_id>` is returned:
+        writes to that key are journalled behind the creation and reach the run once it exists
+        (`resolved` maps the key to the run id from then on)."""
+        key = PENDING + trial_id
+        op = {
+            "op": "child",
+            "run_id": key,
+            "trial_id": trial_id,
+            "parent": self.parent_run_id,
+            "run_name": run_name,
+            "tags": {k: str(v) for k, v in tags.items()},
+            "params": {k: str(v)[:6000] for k, v in sorted(params.items())},
+        }
+        self._write([op])
+        return self.resolved.get(key, key)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """One log_batch per report. If the server is away, the points go to the spool file (training goes on)
-        and are sent, oldest first, with the next batch that gets through or by `flush_spool`."""
-        if not metrics:
-            return
-        batch = {"run_id": run_id, "step": int(step), "ts": int(time.time() * 1000),
-                 "metrics": {k: float(v) for k, v in metrics.items()}}
-        try:
-            self.flush_spool(raise_errors=True)
-            self._send(batch)
-        except Exception as e:  # noqa: BLE001 - any transport/server error: keep the points, never lose them
-            if self.spool is None:
-                raise
-            with open(self.spool, "a") as f:
-                f.write(json.dumps(batch) + "\n")
-            if not self._warned:
-                self._warned = True
-                print(f"betadiff: warning: MLflow write failed ({error_line(str(e))}); metric points are kept in "
-                      f"{self.spool} and retried with the next report", flush=True)
+        """One log_batch per report (durable: see `_write`)."""
+        if metrics:
+            self._write([{"op": "metrics", "run_id": run_id, "step": int(step), "ts": _now_ms(),
+                          "metrics": {k: float(v) for k, v in metrics.items()}}])
 
-    def _send(self, batch: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        if tags:
+            self._write([{"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}}])
 
-        ms = [Metric(k, v, batch["ts"], batch["step"]) for k, v in batch["metrics"].items()]
-        self.client.log_batch(batch["run_id"], metrics=ms, synchronous=True)
-
-    def flush_spool(self, raise_errors: bool = False) -> int:
-        """Send the spooled metric batches; returns how many are still unwritten (0 when all went through)."""
-        if self.spool is None or not Path(self.spool).exists():
-            return 0
-        batches = [json.loads(ln) for ln in Path(self.spool).read_text().splitlines() if ln.strip()]
-        for i, b in enumerate(batches):
-            try:
-                self._send(b)
-            except Exception:
-                Path(self.spool).write_text("".join(json.dumps(x) + "\n" for x in batches[i:]))
-                if raise_errors:
-                    raise
-                return len(batches) - i
-        Path(self.spool).unlink()
-        return 0
+    def set_status(self, run_id: str, status: str) -> None:
+        self._write([{"op": "status", "run_id": run_id, "status": status}])
 
     def log_artifacts(self, run_id: str, directory: str | Path, names: tuple[str, ...]) -> None:
-        for n in names:
-            p = Path(directory) / n
-            if p.exists():
-                self.client.log_artifact(run_id, str(p))
+        """Log the files `names` of `directory` that exist; if they cannot be sent now, copies are kept beside
+        the journal (the directory may be a Tune checkpoint that Tune deletes later)."""
+        files = [str(Path(directory) / n) for n in names if (Path(directory) / n).exists()]
+        if files:
+            self._write([{"op": "artifact", "run_id": run_id, "files": files}])
 
     def end_child(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
-        for k, v in (tags or {}).items():
-            self.client.set_tag(run_id, k, v)
-        self.client.set_terminated(run_id, status=status)
+        ops = [{"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}}] if tags else []
+        self._write(ops + [{"op": "terminate", "run_id": run_id, "status": status, "ts": _now_ms()}])
+
+    # --- durable writes: the journal --------------------------------------------------------------------
+    # Every child-run write above is one operation (a dict with "op"). `_write` sends it after whatever the
+    # journal (`spool`, JSON lines) already holds, so the server sees all writes in the order they were made;
+    # what the server does not take is appended to the journal and training goes on. Resending is safe:
+    # MLflow ignores a metric point it already has, tags, statuses and artifacts overwrite, and a child run
+    # is looked up by its tags before one is created.
+
+    @property
+    def artifact_dir(self) -> Path | None:
+        """Where copies of journalled artifact files are kept (deleted once written)."""
+        return Path(self.spool).parent / "unwritten_artifacts" if self.spool else None
+
+    def _write(self, ops: list[dict[str, Any]]) -> None:
+        """Send `ops` in order after the journal; journal them instead if the server does not take them."""
+        if self.spool is None:  # no journal: errors go to the caller
+            for op in ops:
+                self._apply(op)
+            return
+        if time.monotonic() < self._retry_at:  # a write failed moments ago: do not wait on the server again
+            self._keep(ops)
+            return
+        try:
+            self.flush_spool(raise_errors=True)
+        except Exception as e:  # noqa: BLE001 - any transport/server error: keep the writes, never lose them
+            self._keep(ops, e)
+            return
+        for i, op in enumerate(ops):
+            try:
+                self._apply(op)
+            except Exception as e:  # noqa: BLE001
+                self._failed()
+                self._keep(ops[i:], e)
+                return
+
+    def flush_spool(self, raise_errors: bool = False) -> int:
+        """Send the journalled writes oldest first; at the first failure keep it and the rest.
+
+        Returns how many operations are still unwritten (0 when all went through). Always tries the server,
+        whatever `retry_s` says."""
+        if self.spool is None or not Path(self.spool).exists():
+            return 0
+        ops = read_journal(self.spool)
+        i = 0
+        try:
+            while i < len(ops):
+                i = self._apply_from(ops, i)
+        except Exception:
+            Path(self.spool).write_text("".join(json.dumps(op) + "\n" for op in ops[i:]))
+            self._failed()
+            if raise_errors:
+                raise
+            return len(ops) - i
+        Path(self.spool).unlink()
+        self._fails, self._retry_at = 0, 0.0
+        if self._warned:
+            self._warned = False
+            print(f"betadiff: MLflow writes resumed; {len(ops)} kept operation(s) from {self.spool} written",
+                  flush=True)
+        return 0
+
+    def _failed(self) -> None:
+        """A write failed: journal without trying for `retry_s`, doubled per failure in a row (up to 8x)."""
+        self._fails += 1
+        self._retry_at = time.monotonic() + self.retry_s * min(2 ** (self._fails - 1), 8)
+
+    def _keep(self, ops: list[dict[str, Any]], err: Exception | None = None) -> None:
+        """Append `ops` to the journal (artifact files copied beside it first); one warning per outage."""
+        with open(self.spool, "a") as f:
+            for op in ops:
+                f.write(json.dumps(self._stash(op) if op["op"] == "artifact" else op) + "\n")
+        if not self._warned:
+            self._warned = True
+            why = f" ({error_line(str(err))})" if err is not None else ""
+            print(f"betadiff: warning: MLflow write failed{why}; unwritten metrics, tags, run statuses and "
+                  f"artifacts are kept in {self.spool} and retried with the next write", flush=True)
+
+    def _stash(self, op: dict[str, Any]) -> dict[str, Any]:
+        """The artifact operation with its files copied to a folder of their own under `artifact_dir`."""
+        if op.get("kept"):
+            return op
+        run = re.sub(r"[^\w.-]", "_", op["run_id"])
+        d = self.artifact_dir / run / f"{time.time_ns()}-{uuid.uuid4().hex[:6]}"
+        d.mkdir(parents=True)
+        files = [shutil.copy2(src, d / Path(src).name) for src in op["files"] if Path(src).exists()]
+        return {**op, "files": [str(p) for p in files], "kept": str(d)}
+
+    def _apply_from(self, ops: list[dict[str, Any]], i: int) -> int:
+        """Apply ops[i]; metric batches of one run in a row go as one log_batch. Returns the next index."""
+        op = ops[i]
+        if op["op"] != "metrics":
+            self._apply(op)
+            return i + 1
+        j, n = i + 1, len(op["metrics"])
+        while j < len(ops) and ops[j]["op"] == "metrics" and ops[j]["run_id"] == op["run_id"]:
+            n += len(ops[j]["metrics"])
+            if n > 1000:  # MLflow's log_batch limit
+                break
+            j += 1
+        self._send_metrics(self._resolve(op["run_id"]), ops[i:j])
+        return j
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        """Send one journal operation to the server."""
+        kind = op["op"]
+        if kind == "child":
+            self._open_child(op)
+            return
+        rid, c = self._resolve(op["run_id"]), self.client
+        if kind == "metrics":
+            self._send_metrics(rid, [op])
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            c.log_batch(rid, tags=[RunTag(k, v) for k, v in op["tags"].items()], synchronous=True)
+        elif kind == "status":
+            c.update_run(rid, status=op["status"])
+        elif kind == "terminate":
+            c.set_terminated(rid, status=op["status"], end_time=op["ts"])
+        elif kind == "artifact":
+            self._send_artifacts(rid, op)
+        else:
+            raise TrackingError(f"{self.spool}: unknown operation {kind!r}")
+
+    def _send_metrics(self, run_id: str, batches: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        ms = [Metric(k, v, b["ts"], b["step"]) for b in batches for k, v in b["metrics"].items()]
+        self.client.log_batch(run_id, metrics=ms, synchronous=True)
+
+    def _send_artifacts(self, run_id: str, op: dict[str, Any]) -> None:
+        """Log the operation's files; a kept copy that is already gone was written before (then deleted)."""
+        for p in op["files"]:
+            if Path(p).exists():
+                self.client.log_artifact(run_id, p)
+        if op.get("kept"):
+            shutil.rmtree(op["kept"], ignore_errors=True)
+
+    def _open_child(self, op: dict[str, Any]) -> str:
+        """Find (by tag) or create the child run of a "child" operation; returns its run id."""
+        from mlflow.entities import Param
+
+        c, parent = self.client, op.get("parent") or self.parent_run_id
+        run = self._child_run(op["trial_id"], parent)
+        if run is not None:
+            rid, have = run.info.run_id, run.data.params
+            c.update_run(rid, status="RUNNING")
+        else:
+            tags = {"mlflow.parentRunId": parent, "betadiff.role": TRIAL, "betadiff.sweep": self.sweep_name,
+                    "betadiff.trial_id": op["trial_id"], **op["tags"]}
+            rid, have = c.create_run(self.experiment_id, run_name=op["run_name"], tags=tags).info.run_id, {}
+        ps = [Param(k, v) for k, v in op["params"].items() if k not in have]  # a create may have lost them
+        for i in range(0, len(ps), 100):  # MLflow's batch limit is 100 params
+            c.log_batch(rid, params=ps[i : i + 100], synchronous=True)
+        self.resolved[op["run_id"]] = rid
+        return rid
+
+    def _resolve(self, run_id: str) -> str:
+        """The run id of `run_id`, or of the child run a pending key `trial:<trial_id>` stands for."""
+        if not is_pending(run_id):
+            return run_id
+        if run_id not in self.resolved:
+            rid = self.find_child(run_id[len(PENDING) :])
+            if rid is None:
+                raise TrackingError(f"no MLflow run yet for {run_id}")
+            self.resolved[run_id] = rid
+        return self.resolved[run_id]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def is_pending(run_id: str) -> bool:
+    """A key `trial:<trial_id>` that stands for a child run not created yet (the server was away)."""
+    return run_id.startswith(PENDING)
+
+
+def read_journal(path: str | Path) -> list[dict[str, Any]]:
+    """The operations in a journal file; a line without "op" is a metric batch (the older spool format)."""
+    ops = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [op if "op" in op else {"op": "metrics", **op} for op in ops]
