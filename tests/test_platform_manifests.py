@@ -321,3 +321,34 @@ def test_cluster_launch_refuses_missing_env_and_renders_the_values(tmp_path):
     assert c["docker"]["image"] == IMAGE
     assert "--env MLFLOW_TRACKING_URI=http://mlflow.internal:5000" in c["docker"]["run_options"]
     assert "x" * 64 not in out.read_text()  # the token is file-mounted, never inlined
+
+
+def test_k8s_builtin_objects_match_the_kubernetes_openapi_schema():
+    """Every built-in object (not the KubeRay CRDs) against Kubernetes' own OpenAPI schema, strict: a misspelled
+    or misplaced field fails here, as `kubectl apply` would fail on a cluster (none is reachable from CI)."""
+    kv = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for path, d in _k8s_docs():
+        if d.get("kind") in ("Kustomization", "RayCluster", "RayJob"):
+            continue
+        kv.validate(d, "1.32", strict=True)
+        checked += 1
+    assert checked >= 6
+    bad = next(d for _, d in _k8s_docs() if d.get("kind") == "Deployment")
+    bad = {**bad, "spec": {**bad["spec"], "replica": 1}}  # the validator does catch a misspelling
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, "1.32", strict=True)
+
+
+def test_cluster_launcher_yaml_matches_rays_own_schema():
+    """platform/cluster/ray-cluster.yaml against the JSON schema the installed Ray validates launcher files with."""
+    import json
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    doc = yaml.safe_load((PLATFORM / "cluster" / "ray-cluster.yaml").read_text())
+    jsonschema.validate(doc, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**doc, "max_worker": 3}, schema)  # unknown top-level key
