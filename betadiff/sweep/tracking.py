@@ -299,7 +299,7 @@ class SweepTracker:
             try:
                 self._apply(op)
             except Exception as e:  # noqa: BLE001
-                self._failed()
+                self._back_off()
                 self._keep(ops[i:], e)
                 return
 
@@ -317,7 +317,7 @@ class SweepTracker:
                 i = self._apply_from(ops, i)
         except Exception:
             Path(self.spool).write_text("".join(json.dumps(op) + "\n" for op in ops[i:]))
-            self._failed()
+            self._back_off()
             if raise_errors:
                 raise
             return len(ops) - i
@@ -329,7 +329,7 @@ class SweepTracker:
                   flush=True)
         return 0
 
-    def _failed(self) -> None:
+    def _back_off(self) -> None:
         """A write failed: journal without trying for `retry_s`, doubled per failure in a row (up to 8x)."""
         self._fails += 1
         self._retry_at = time.monotonic() + self.retry_s * min(2 ** (self._fails - 1), 8)
@@ -343,7 +343,7 @@ class SweepTracker:
             self._warned = True
             why = f" ({error_line(str(err))})" if err is not None else ""
             print(f"betadiff: warning: MLflow write failed{why}; unwritten metrics, tags, run statuses and "
-                  f"artifacts are kept in {self.spool} and retried with the next write", flush=True)
+                  f"artifacts are kept in {self.spool} and retried with later writes", flush=True)
 
     def _stash(self, op: dict[str, Any]) -> dict[str, Any]:
         """The artifact operation with its files copied to a folder of their own under `artifact_dir`."""
