@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .data import make_dataset
 from .metrics import evaluate
 from .nets import make_net, num_params
 from .precond import BetaPrecond, GaussianPrecond, gaussian_affine
+from .provenance import git_commit
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -38,14 +38,6 @@ class NonFiniteLossError(RuntimeError):
 
     def __reduce__(self):  # picklable across Ray process boundaries
         return type(self), (self.step, self.value)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -49,6 +49,7 @@ class MlflowSweepCallback(Callback):
         self.total = total
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id (also in Tune's state)
         self.failures: dict[str, int] = {}
+        self._names: dict[str, str] = {}  # Tune trial id -> run name (describe once per trial)
 
     def get_state(self) -> dict[str, Any]:
         runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
@@ -63,11 +64,19 @@ class MlflowSweepCallback(Callback):
         rid = self.runs.get(trial.trial_id)
         if rid is None:
             name, tags, params = self.describe(trial.config)
+            self.__dict__.setdefault("_names", {})[trial.trial_id] = name
             rid = self.tracker.start_child(trial.trial_id, name, tags, params)
         elif is_pending(rid):
             rid = self.tracker.resolved.get(rid, rid)
         self.runs[trial.trial_id] = rid
         return rid
+
+    def _name(self, trial) -> str:
+        """The trial's run name; describe() builds a whole trainer config, so once per trial."""
+        names = self.__dict__.setdefault("_names", {})  # a callback pickled before this field: none yet
+        if trial.trial_id not in names:
+            names[trial.trial_id] = self.describe(trial.config)[0]
+        return names[trial.trial_id]
 
     def _say(self, trial, trials, what: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
@@ -79,7 +88,7 @@ class MlflowSweepCallback(Callback):
             self.tracker.set_status(self._run_id(trial), "RUNNING")
         rid = self._run_id(trial)
         run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
-        self._say(trial, trials, f"started  {self.describe(trial.config)[0]}  ({run})")
+        self._say(trial, trials, f"started  {self._name(trial)}  ({run})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):

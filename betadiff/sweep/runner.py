@@ -70,7 +70,7 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 
 def describe(config: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
     """(run name, tags, params) of a trial's Tune config — used by the MLflow callback on the driver."""
-    from betadiff.sweep.tracking import git_commit
+    from betadiff.provenance import git_commit
 
     cfg = trial_config(config)
     factors, seed = trial_factors(config)

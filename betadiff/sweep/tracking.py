@@ -23,12 +23,13 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from betadiff.provenance import git_commit
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT, TRIAL = "sweep", "trial"
@@ -99,20 +100,6 @@ def sqlite_warning(uri: str, concurrent: int) -> str | None:
             f"(http://, PostgreSQL-backed) for large sweeps"
         )
     return None
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd or Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def error_line(text: str) -> str:
