@@ -45,6 +45,7 @@ class ClaimSpec:
 @dataclass
 class SectionSpec:
     title: str
+    id: str = ""  # names the section's figure files (default: from the title)
     sweeps: list[str] = field(default_factory=list)
     text: str = ""  # Markdown before the table
     commands: list[str] = field(default_factory=list)
@@ -139,7 +140,7 @@ class _Section:
         self.ab: Ablation = ablation(
             self.sr,
             rows=spec.rows or None,
-            cols=spec.cols or None,
+            cols=spec.cols if (spec.rows or spec.cols) else None,  # a section that sets rows owns the layout
             metrics=spec.metrics or None,
             value=spec.value,
         )
@@ -219,7 +220,7 @@ class _Section:
             lk = self.last_k.get(key, {})
             row += [_fmt(lk.get(m, math.nan), dec.get(m, 4)) for m in k_metrics]
             ref = self.reference(rec)
-            row += [_fmt(ref[m], dec[m]) if m in ref else "—" for m in ref_metrics]
+            row += [f"{ref[m]:g}" if m in ref else "—" for m in ref_metrics]  # as the reference states it
             row.append(", ".join(r[:8] for r in first["run_ids"]) or "—")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", f"Mean ± std over seeds of each run's {ab.value} value; best per metric in bold; runs: the first "
@@ -244,7 +245,7 @@ class _Section:
         out = []
         cells = run_cells(self.ab.tidy, self.keys)
         hist = self.sr.histories(self.spec.figures, list(self.ab.tidy["run_id"].unique()))
-        stem = _slug(self.spec.title)
+        stem = self.spec.id or _slug(self.spec.title)
         for m in self.spec.figures:
             path = save(curves_figure(hist, cells, self.keys, m), fig_dir / f"{stem}_{m}.png")
             out.append(f"![{m} against training step: {self.spec.title}]({fig_rel}/{path.name})")
@@ -300,7 +301,8 @@ def render_document(spec: DocumentSpec, output: Path | None, tracking_uri: str |
         out += [spec.intro.strip(), ""]
     if spec.machine:
         out += [f"**Machine.** {spec.machine.strip()}", ""]
-    out += [f"**Tracking store.** `{_redact(uri)}`" + (f", experiment `{spec.experiment}`" if spec.experiment else ""),
+    shown = spec.tracking_uri or tracking_uri or uri  # as written, so the file does not depend on the cwd
+    out += [f"**Tracking store.** `{_redact(shown)}`" + (f", experiment `{spec.experiment}`" if spec.experiment else ""),
             ""]
     for s in spec.sections:
         parts = [load_sweep(name, uri, client=client, experiment=spec.experiment) for name in s.sweeps]

@@ -240,7 +240,7 @@ def ablation(
     rows_src = "--rows" if rows else f"{src}: report.rows"
     cols_src = "--cols" if cols else f"{src}: report.cols"
     rows = list(rows or spec.rows)
-    cols = list(cols or spec.cols)
+    cols = list(cols if cols is not None else spec.cols)  # [] means: no columns
     if cols and not rows and not spec.rows:
         rows = [f for f in sr.factors if f not in cols]
     elif not rows and not cols:
