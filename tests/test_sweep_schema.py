@@ -282,3 +282,47 @@ def test_job_upload_over_ray_limit_is_refused_before_submitting(tmp_path):
     with pytest.raises(JobError) as e:  # the address is never contacted: the size check comes first
         _submit("http://127.0.0.1:9", "true", {}, "big", tmp_path)
     assert "weights.bin" in str(e.value) and "100 MiB" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_slice_keeps_some_levels_and_seeds_and_records_them(tmp_path):
+    doc = base_doc(
+        factors={
+            "axes": {"diffusion.eta": [100.0, 1000.0, 10000.0]},
+            "variants": {"method": {"klub": {"diffusion.loss": "klub"}, "elbo": {"diffusion.loss": "elbo"}}},
+        },
+        seeds=3,
+    )
+    p = write(tmp_path, doc)
+    full = load_sweep(p)
+    part = load_sweep(p, name="t_part", only={"method": ["elbo"], "diffusion.eta": ["1e2", "10000"]}, seeds=[2])
+    assert len(full.trials) == 3 * 2 * 3 and len(part.trials) == 2
+    assert {(t.factors["method"], t.factors["diffusion.eta"], t.seed) for t in part.trials} == {
+        ("elbo", 100.0, 2),
+        ("elbo", 10000.0, 2),
+    }
+    resolved = yaml.safe_load(part.resolved_yaml)  # the parent run's sweep.yaml says what this slice ran
+    assert resolved["name"] == "t_part" and resolved["seeds"] == [2]
+    assert list(resolved["factors"]["variants"]["method"]) == ["elbo"]
+    assert part.sweep_hash != full.sweep_hash
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--only", "optim.lr=1e-3"], "--only optim.lr': not a factor of this sweep (factors: diffusion.loss)"),
+        (["--only", "diffusion.loss=klubb"], "no level 'klubb' (levels: klub, elbo)"),
+        (["--only", "diffusion.loss"], "--only wants FACTOR=LEVEL"),
+        (["--seeds", "a,b"], "--seeds wants integers"),
+    ],
+)
+def test_bad_slice_is_one_line_before_work(tmp_path, args, needle):
+    p = write(tmp_path, base_doc())
+    r = subprocess.run(
+        [sys.executable, "-m", "betadiff.sweep.cli", "run", str(p), "--dry-run", "--no-measure", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr

@@ -466,6 +466,18 @@ def trial_key(factors: dict[str, Any], seed: int) -> str:
     return ",".join(parts + [f"seed={seed}"])
 
 
+def _same_level(level: Any, text: str) -> bool:
+    """A factor level and a level typed on the command line: same text, same YAML value or same number."""
+    if str(level) == text or level == yaml.safe_load(text):
+        return True
+    if isinstance(level, (int, float)) and not isinstance(level, bool):
+        try:
+            return float(text) == float(level)
+        except ValueError:
+            return False
+    return False
+
+
 def _slice(spec: SweepSpec, only: dict[str, list[str]], path: str) -> None:
     """Keep only the named levels of some factors (`--only method=beta_klub,beta_elbo`); the levels are matched by
     their YAML value or their text, so `--only diffusion.eta=1e2` finds 100.0."""
@@ -479,7 +491,7 @@ def _slice(spec: SweepSpec, only: dict[str, list[str]], path: str) -> None:
         names = list(levels) if isinstance(levels, dict) else levels
         keep = []
         for w in wanted:
-            hits = [n for n in names if n == yaml.safe_load(w) or str(n) == w]
+            hits = [n for n in names if _same_level(n, w)]
             if not hits:
                 _fail(path, f"--only {key}", f"no level {w!r} (levels: {', '.join(map(str, names))})")
             keep += [n for n in hits if n not in keep]
