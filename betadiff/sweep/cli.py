@@ -7,7 +7,6 @@ unreachable service (one line on stderr, before any trial runs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -59,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue a sweep after its driver or job died")
     rs.add_argument("name")
     rs.add_argument("--address", default=None, help="Ray address, or a dashboard URL to resume as a job")
-    rs.add_argument("--storage", default=None)
+    rs.add_argument("--storage", default=None, help="the sweep's storage: a folder or a URI (s3://bucket/prefix)")
     ls = sub.add_parser("list", help="saved sweeps here (and jobs on --address)")
     ls.add_argument("--address", default=None)
-    ls.add_argument("--storage", default=None)
+    ls.add_argument("--storage", default=None, help="a folder or a URI (s3://bucket/prefix)")
     return p
 
 
@@ -118,11 +117,18 @@ def _main(args) -> int:
 
         return runner.resume_sweep(args.name, address=args.address, storage=args.storage)
     if args.cmd == "list":
-        from betadiff.sweep.runner import STATE_FILE, storage_root
+        from betadiff.sweep.schema import SweepError
+        from betadiff.sweep.storage import SweepStore
 
-        root = storage_root(args.storage)
-        for d in sorted(root.glob(f"*/{STATE_FILE}")) if root.exists() else []:
-            st = json.loads(d.read_text())
+        store = SweepStore(args.storage)
+        err = store.problem()  # a storage URI that cannot be used: one line, exit 2
+        if err:
+            raise SweepError(f"--storage {err}")
+        try:
+            states = store.states()
+        except OSError as e:
+            raise SweepError(f"--storage {store.root}: {str(e).splitlines()[0]}") from None
+        for st in states:
             print(f"{st['name']}  parent run {st['parent_run_id']}  {st['tracking_uri']}")
         if args.address:
             from betadiff.sweep import jobs

@@ -4,7 +4,8 @@ The job's driver runs `python -m betadiff.sweep.cli run` on the head node with t
 environment (the base config resolved here, so the cluster needs no access to local config paths). The
 working directory is uploaded without `.git`, virtual environments, run outputs and large files; its size is
 measured with Ray's own ignore rules first, so a too-large upload fails here with a clear message instead of
-in Ray's 100 MiB gRPC limit. Tracking URI and sweep storage are passed as absolute paths/URIs.
+in Ray's 100 MiB gRPC limit. Tracking URI and sweep storage are passed as absolute paths; a storage URI
+(s3://, gs://, ...) is passed as it is.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _submit(address: str, entrypoint: str, env: dict[str, str], name: str, root:
     )
 
 
-def _driver_env(tracking_uri: str, storage: Path) -> dict[str, str]:
+def _driver_env(tracking_uri: str, storage: Path | str) -> dict[str, str]:
     env = {
         "BETADIFF_TRACKING_URI": tracking_uri,
         "BETADIFF_SWEEP_STORAGE": str(storage),

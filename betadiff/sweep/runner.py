@@ -4,12 +4,15 @@ State lives under `<storage>/<name>/` (default storage `.betadiff/sweeps` in the
 Tune's experiment state and trial checkpoints, `sweep.yaml` (self-contained: the base config inlined) and
 `betadiff_sweep.json` (parent run id, tracking URI). `resume NAME` restores from there: finished trials are
 not run again, unfinished and errored ones continue from their last checkpoint, runs are re-attached.
+Storage may also be a URI (s3://, gs://, any pyarrow filesystem): Tune writes there, and betadiff's own files
+are kept in a local working folder and uploaded next to Tune's state (`betadiff.sweep.storage`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -23,24 +26,32 @@ from omegaconf import OmegaConf
 
 from betadiff.config import config_hash, flatten, to_dict
 from betadiff.sweep.schema import Sweep, SweepError, load_sweep, report_metrics, trial_key
+from betadiff.sweep.storage import (
+    DEFAULT_STORAGE,  # noqa: F401 - re-exported
+    OPTUNA_FILE,
+    SPOOL_FILE,
+    STATE_FILE,
+    SWEEP_FILE,
+    WORK_DIRS,
+    SweepStore,
+)
 from betadiff.sweep.trainable import trial_config, trial_factors
-
-STATE_FILE = "betadiff_sweep.json"
-SWEEP_FILE = "sweep.yaml"
-DEFAULT_STORAGE = ".betadiff/sweeps"
 
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or cannot place a trial (one line)."""
 
 
-def storage_root(spec_storage: str | None = None) -> Path:
-    s = spec_storage or os.environ.get("BETADIFF_SWEEP_STORAGE") or DEFAULT_STORAGE
-    return Path(s).expanduser().resolve()
+def storage_root(spec_storage: str | None = None) -> Path | str:
+    """The storage folder (absolute), or the storage URI as given (s3://bucket/prefix?...)."""
+    store = SweepStore(spec_storage)
+    return store.root if store.remote else Path(store.root)
 
 
-def experiment_dir(sweep: Sweep) -> Path:
-    return storage_root(sweep.spec.storage) / sweep.name
+def experiment_dir(sweep: Sweep) -> Path | str:
+    """The sweep's Tune experiment folder, or its URI."""
+    store = SweepStore(sweep.spec.storage)
+    return store.experiment(sweep.name) if store.remote else Path(store.root) / sweep.name
 
 
 def self_contained(sweep: Sweep) -> dict[str, Any]:
@@ -255,6 +266,10 @@ def dry_run(sweep: Sweep, address: str | None, out=print, measure: bool = True) 
             out(f"   {k}: {p.type} " + (f"{p.values}" if p.type == "choice" else f"[{p.low}, {p.high}]"))
     if sweep.spec.scheduler.type != "none":
         out(f"scheduler: {sweep.spec.scheduler.type} on the training step")
+    store = SweepStore(sweep.spec.storage)
+    if store.remote:
+        store.check(sweep.path)
+        out(f"storage: {store.experiment(sweep.name)} (reachable)")
     if address:
         connect(address)
         nodes = node_capacity()
@@ -291,6 +306,9 @@ def _save_state(exp_dir: Path, sweep: Sweep, state: dict[str, Any]) -> None:
 
 
 def load_saved(name: str, storage: str | None = None) -> tuple[Sweep, dict[str, Any]]:
+    store = SweepStore(storage)
+    if store.remote:
+        return _load_saved_remote(name, store)
     exp_dir = storage_root(storage) / name
     if not (exp_dir / STATE_FILE).exists():
         raise SweepError(f"sweep '{name}': no saved state under {exp_dir} (was it started with `sweep run`?)")
@@ -300,17 +318,66 @@ def load_saved(name: str, storage: str | None = None) -> tuple[Sweep, dict[str, 
     return sweep, state
 
 
+def _work_dir(store: SweepStore, name: str, recorded: str | None) -> Path:
+    """The local working folder of a sweep in URI storage: the one its earlier drivers used (the Optuna and
+    write journals' paths are pickled in Tune's state) when it can be made here, else the default."""
+    for d in ([Path(recorded)] if recorded else []) + [store.default_work_dir(name)]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            pass
+    raise SweepError(f"sweep '{name}': cannot create a local working folder ({store.default_work_dir(name)})")
+
+
+def _load_saved_remote(name: str, store: SweepStore) -> tuple[Sweep, dict[str, Any]]:
+    """Read the state from `<uri>/<name>/` and download betadiff's files into the local working folder."""
+    err = store.problem()
+    if err:
+        raise SweepError(f"sweep '{name}': --storage {err}")
+    exp = store.experiment(name)
+    try:
+        text = store.read_text(name, STATE_FILE)
+    except OSError as e:
+        raise SweepError(f"sweep '{name}': cannot read {exp}: {str(e).splitlines()[0]}") from None
+    if text is None:
+        raise SweepError(f"sweep '{name}': no saved state under {exp} (was it started with `sweep run`?)")
+    state = json.loads(text)
+    work = _work_dir(store, name, state.get("work_dir"))
+    try:
+        store.download(name, work)
+    except OSError as e:
+        raise SweepError(
+            f"sweep '{name}': cannot download its state from {exp}: {str(e).splitlines()[0]}"
+        ) from None
+    sweep = load_sweep(str(work / SWEEP_FILE))
+    sweep.spec.storage = store.root
+    state["work_dir"] = str(work)
+    return sweep, state
+
+
+def _upload(store: SweepStore, sweep: Sweep, work: Path, **kw) -> None:
+    """Upload the sweep's working folder to its storage URI (`SweepStore.upload`); SweepError if it fails."""
+    try:
+        store.upload(sweep.name, work, **kw)
+    except Exception as e:  # noqa: BLE001 - permissions, network: one line
+        where, why = store.experiment(sweep.name), str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SweepError(f"{sweep.path}: key 'storage': cannot write {where}: {why}") from None
+
+
 def optuna_storage(exp_dir: Path):
-    """The Optuna study lives in a journal file next to the Tune state (inspectable, survives restores)."""
+    """The Optuna study lives in a journal file next to the Tune state (inspectable, survives restores); with
+    URI storage in the local working folder, uploaded next to the Tune state."""
     import optuna
 
     exp_dir.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(exp_dir / "optuna.journal"))
+        optuna.storages.journal.JournalFileBackend(str(exp_dir / OPTUNA_FILE))
     )
 
 
-def _tuner(sweep: Sweep, callback, exp_dir: Path):
+def _tuner(sweep: Sweep, callback, exp_dir: Path, storage_path: str | None = None, extra_callbacks=()):
     from ray import tune
 
     from betadiff.sweep.search import make_scheduler, make_searcher
@@ -343,8 +410,8 @@ def _tuner(sweep: Sweep, callback, exp_dir: Path):
     )  # warm workers: torch and the trainer are imported once per worker, not per trial
     run_config = tune.RunConfig(
         name=sweep.name,
-        storage_path=str(exp_dir.parent),
-        callbacks=[callback],
+        storage_path=storage_path or str(exp_dir.parent),
+        callbacks=[callback, *extra_callbacks],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
@@ -363,8 +430,11 @@ def run_sweep(
     resume: bool = False,
     out=print,
     parent_run_id: str | None = None,
+    work_dir: str | Path | None = None,
 ) -> int:
-    """Run (or resume) the sweep; returns 0 when every trial finished or was pruned, 1 otherwise."""
+    """Run (or resume) the sweep; returns 0 when every trial finished or was pruned, 1 otherwise.
+
+    work_dir: the local working folder of a sweep in URI storage (resume: the one `load_saved` filled)."""
     from ray import tune
 
     from betadiff.sweep.callback import MlflowSweepCallback
@@ -376,7 +446,13 @@ def run_sweep(
         sqlite_warning,
     )
 
-    exp_dir = experiment_dir(sweep)
+    store = SweepStore(sweep.spec.storage)
+    if store.remote:
+        store.check(sweep.path)
+        exp_dir = store.experiment(sweep.name)  # Tune's state: the URI
+        work = Path(work_dir) if work_dir else store.default_work_dir(sweep.name)  # betadiff's files
+    else:
+        exp_dir = work = experiment_dir(sweep)
     uri = resolve_tracking_uri(sweep.spec.tracking.uri)
     preflight(uri)
     if not resume and tune.Tuner.can_restore(str(exp_dir)):
@@ -384,6 +460,13 @@ def run_sweep(
             f"{sweep.path}: key 'name': sweep '{sweep.name}' already has state in {exp_dir}; "
             f"continue it with `betadiff sweep resume {sweep.name}` or delete that folder"
         )
+    if store.remote:
+        if not resume:  # files of an earlier sweep of this name whose state is gone
+            shutil.rmtree(work, ignore_errors=True)
+        work = _work_dir(store, sweep.name, str(work))
+        WORK_DIRS[sweep.name] = work
+        (work / SWEEP_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(self_contained(sweep))))
+        _upload(store, sweep, work, files=(SWEEP_FILE,), folder=False, mirror=False)  # can we write there?
     connect(address)
     check_placement(sweep, node_capacity())
     concurrent = sweep.spec.max_concurrent or len(sweep.trials)
@@ -393,23 +476,24 @@ def run_sweep(
     tracker = SweepTracker(uri, sweep.spec.tracking.experiment, sweep.name)
     # the journal of writes the server did not take (all kinds now; the name is kept because the callback
     # pickled in the Tune state of an existing sweep points at it)
-    tracker.spool = str(exp_dir / "unwritten_metrics.jsonl")
+    tracker.spool = str(work / SPOOL_FILE)
     tracker.retry_s = 30.0  # a server that is away costs one bounded wait per 30 s or more, not one per write
     tracker.start_parent(sweep.sweep_hash, sweep.resolved_yaml, parent_run_id)
-    _save_state(
-        exp_dir,
-        sweep,
-        {
-            "name": sweep.name,
-            "parent_run_id": tracker.parent_run_id,
-            "tracking_uri": uri,
-            "experiment": sweep.spec.tracking.experiment,
-            "sweep_hash": sweep.sweep_hash,
-            "source": sweep.path,
-        },
-    )
+    state = {
+        "name": sweep.name,
+        "parent_run_id": tracker.parent_run_id,
+        "tracking_uri": uri,
+        "experiment": sweep.spec.tracking.experiment,
+        "sweep_hash": sweep.sweep_hash,
+        "source": sweep.path,
+    }
+    if store.remote:
+        state.update(storage=store.root, work_dir=str(work))
+    _save_state(work, sweep, state)
+    if store.remote:
+        _upload(store, sweep, work)
     out(f"MLflow: {uri}  experiment '{sweep.spec.tracking.experiment}'  parent run {tracker.parent_run_id}")
-    out(f"Tune state: {exp_dir}")
+    out(f"Tune state: {exp_dir}" + (f"  (betadiff's files: {work}, uploaded there)" if store.remote else ""))
     sys.stdout.flush()
     if resume and tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(
@@ -418,7 +502,13 @@ def run_sweep(
     else:
         keys = tuple(m.name for m in report_metrics(sweep))
         total = sweep.spec.search.num_samples * len(sweep.seeds) if sweep.spec.search else len(sweep.trials)
-        tuner = _tuner(sweep, MlflowSweepCallback(tracker, describe, keys, total), exp_dir)
+        callback = MlflowSweepCallback(tracker, describe, keys, total)
+        if store.remote:
+            from betadiff.sweep.statesync import StateSync
+
+            tuner = _tuner(sweep, callback, work, store.root, [StateSync(store, sweep.name, work)])
+        else:
+            tuner = _tuner(sweep, callback, exp_dir)
     status, results, errors = "FAILED", [], 0
     try:
         results = tuner.fit()
@@ -440,6 +530,12 @@ def run_sweep(
                 f"MLflow: parent run {tracker.parent_run_id} could not be closed ({error_line(str(e))}); "
                 f"`betadiff sweep resume {sweep.name}` closes it once the server answers"
             )
+        if store.remote:
+            try:  # the final journals; what was sent meanwhile is deleted there too
+                store.upload(sweep.name, work)
+            except Exception as e:  # noqa: BLE001 - the sweep's outcome stands; say where the files are
+                out(f"warning: cannot upload the sweep state to {exp_dir} ({str(e).splitlines()[0]}); "
+                    f"it is kept in {work}")
     out(f"sweep {sweep.name}: {status}; {len(results)} trials, {errors} failed")
     if report_md:
         out(report_md)
@@ -475,4 +571,11 @@ def resume_sweep(name: str, address: str | None = None, storage: str | None = No
     sweep, state = load_saved(name, storage)
     os.environ.setdefault("BETADIFF_TRACKING_URI", state["tracking_uri"])
     sweep.spec.tracking.uri = sweep.spec.tracking.uri or state["tracking_uri"]
-    return run_sweep(sweep, address=address, resume=True, out=out, parent_run_id=state["parent_run_id"])
+    return run_sweep(
+        sweep,
+        address=address,
+        resume=True,
+        out=out,
+        parent_run_id=state["parent_run_id"],
+        work_dir=state.get("work_dir") if SweepStore(storage).remote else None,
+    )
