@@ -85,17 +85,30 @@ class MlflowSweepCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         rid = self.runs.get(trial.trial_id)
         if rid is not None:  # restarted after a failure or a driver restore
+            if self.tracker.run_status(self._run_id(trial)) == "FINISHED":
+                # finished before the driver died, after Tune's last state snapshot: Tune runs it again from
+                # its last checkpoint; its MLflow run is complete and stays as it is
+                self.__dict__.setdefault("_done_before", set()).add(trial.trial_id)
+                self._say(trial, trials, f"already finished before the restore  ({self._name(trial)})")
+                return
             self.tracker.set_status(self._run_id(trial), "RUNNING")
         rid = self._run_id(trial)
         run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
         self._say(trial, trials, f"started  {self._name(trial)}  ({run})")
 
+    def _finished_before(self, trial) -> bool:
+        return trial.trial_id in self.__dict__.get("_done_before", ())
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):
             return  # the final report repeats the last evaluation; it carries the artifacts only
+        if self._finished_before(trial):
+            return
         self.tracker.log_metrics(self._run_id(trial), metric_items(result), int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self._finished_before(trial):
+            return
         rid = self._run_id(trial)
         result = trial.last_result or {}
         if trial.checkpoint is not None and result.get("final"):

@@ -242,6 +242,15 @@ class SweepTracker:
         if tags:
             self._write([{"op": "tags", "run_id": run_id, "tags": {k: str(v) for k, v in tags.items()}}])
 
+    def run_status(self, run_id: str) -> str | None:
+        """The run's status in MLflow, or None (a pending run, or the server cannot say right now)."""
+        if is_pending(run_id):
+            return None
+        try:
+            return self.client.get_run(run_id).info.status
+        except Exception:  # noqa: BLE001 - unknown is fine: the caller then writes as usual (journalled)
+            return None
+
     def set_status(self, run_id: str, status: str) -> None:
         self._write([{"op": "status", "run_id": run_id, "status": status}])
 
