@@ -7,7 +7,8 @@ configs/toy1_beta_authors.yaml: Adam 5e-4 constant, 400k) at the same time, one 
 they share the machine's noise. Every `--eval-every` steps each is scored (JSD on `--n-samples` generated vs fresh
 true samples, 200 steps); a recipe stops at the first evaluation with JSD ≤ `--target`, or at its own budget.
 Reported per recipe: steps to the target, the training time to it (wall time minus evaluation time) and the
-ms per step, and the ratio authors/ours. Writes OUT/recipes.json and OUT/recipes.md.
+ms per step, and the ratio authors/ours. Writes OUT/recipes.json and OUT/recipes.md, and each evaluation as it
+happens to OUT/recipes_progress.jsonl.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def race(job: dict) -> dict:
             step_ms.append(m["step_time_ms"])
         if "jsd" in m:
             trace.append({"step": step, "jsd": m["jsd"], "wall_s": time.perf_counter() - t0})
+            with open(job["progress"], "a") as f:  # partial results survive an interrupted race
+                f.write(json.dumps({"recipe": job["recipe"], **trace[-1]}) + "\n")
             if m["jsd"] <= job["target"]:
                 raise _Reached
 
@@ -80,16 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out")
     a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / "recipes_progress.jsonl"
+    progress.unlink(missing_ok=True)
     jobs = [{"recipe": r, "config": c, "target": a.target, "eval_every": a.eval_every, "n_samples": a.n_samples,
-             "seed": a.seed} for r, c in RECIPES.items()]
+             "seed": a.seed, "progress": str(progress)} for r, c in RECIPES.items()]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         results = pool.map(race, jobs)
     by = {r["recipe"]: r for r in results}
     for r in results:  # training time to the target: mean step time × steps (evaluations excluded)
         ok = r["reached"] and r["ms_per_step"]
         r["train_s_to_target"] = r["ms_per_step"] * r["steps"] / 1000 if ok else None
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"target_jsd": a.target, "eval_every": a.eval_every, "n_samples": a.n_samples, "seed": a.seed,
            "python": sys.version.split()[0], "results": results}
     o, t = by["ours"], by["authors"]
