@@ -284,3 +284,25 @@ def test_server_killed_and_restarted_mid_sweep_loses_no_metric_point(tmp_path, m
         late.data.params == {"lr": "0.2"}
         and len(live.client.get_metric_history(late.info.run_id, "loss")) == 1
     )
+
+
+def test_trial_holds_loss_reports_and_sends_them_with_the_next_one(tmp_path):
+    """Loss-only reports are held (each Tune report pauses training for a driver round trip) and reach the driver
+    in the `history` of the next report; evaluations go at once; nothing is dropped or reordered."""
+    from betadiff.sweep.trainable import HISTORY_KEY, make_reporter
+
+    sent = []
+    report = make_reporter(100, tmp_path, lambda out, **kw: sent.append(out), hold_s=3600.0)
+    report(10, {"loss": 1.0, "lr": 0.1})
+    report(20, {"loss": 0.9, "lr": 0.1, "loss_klub_cond": 0.5})
+    assert sent == [] and [s for s, _ in report.held] == [10, 20]
+    report(30, {"loss": 0.8, "jsd": 0.2})  # an evaluation: sent now, carrying what was held
+    assert len(sent) == 1 and sent[0]["step"] == 30 and sent[0]["jsd"] == 0.2
+    assert [(s, m["loss"]) for s, m in sent[0][HISTORY_KEY]] == [(10, 1.0), (20, 0.9)]
+    assert report.held == []
+    report(40, {"loss": 0.7})
+    assert [s for s, _ in report.held] == [40]  # the trial's final report carries it
+    eager = []
+    r0 = make_reporter(100, tmp_path, lambda out, **kw: eager.append(out), hold_s=0.0)
+    r0(10, {"loss": 1.0})
+    assert [e["step"] for e in eager] == [10] and HISTORY_KEY not in eager[0]

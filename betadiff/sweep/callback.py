@@ -14,7 +14,7 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from betadiff.sweep.tracking import SweepTracker, error_line, is_pending
-from betadiff.sweep.trainable import ARTIFACTS, META_KEYS
+from betadiff.sweep.trainable import ARTIFACTS, HISTORY_KEY, META_KEYS
 
 _SKIP = (
     set(AUTO_RESULT_KEYS)
@@ -100,10 +100,12 @@ class MlflowSweepCallback(Callback):
         return trial.trial_id in self.__dict__.get("_done_before", ())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("final"):
-            return  # the final report repeats the last evaluation; it carries the artifacts only
         if self._finished_before(trial):
             return
+        for step, metrics in result.get(HISTORY_KEY) or ():  # loss reports the trial held back
+            self.tracker.log_metrics(self._run_id(trial), metric_items(metrics), int(step))
+        if result.get("final"):
+            return  # the final report repeats the last evaluation; it carries the artifacts only
         self.tracker.log_metrics(self._run_id(trial), metric_items(result), int(result.get("step", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

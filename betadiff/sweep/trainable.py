@@ -13,12 +13,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 ARTIFACTS = ("config.yaml", "samples.png", "checkpoint.pt", "final.json")
+# earlier loss-only reports held back and sent with a later one: [[step, {metric: value}], ...]
+HISTORY_KEY = "history"
 # keys the trial adds to the trainer's metrics; the driver does not log them as metrics
-META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads")
+META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads", HISTORY_KEY)
+# Each Tune report pauses the training thread for a round trip to the driver; loss-only reports are held for up
+# to this long and sent together with the next report (evaluations and checkpoints go at once).
+HOLD_S = 2.0
 
 
 class TrialError(RuntimeError):
@@ -77,14 +83,32 @@ def _restore_into(run_dir: Path) -> None:
             shutil.copy2(Path(d) / "checkpoint.pt", run_dir / "checkpoint.pt")
 
 
+def _loss_only(metrics: dict[str, float]) -> bool:
+    return bool(metrics) and all(k in ("lr", "step_time_ms") or k.startswith("loss") for k in metrics)
+
+
 def make_reporter(
-    budget: int, run_dir: Path, send: Callable[..., None], checkpoint_cls: Any = None
+    budget: int, run_dir: Path, send: Callable[..., None], checkpoint_cls: Any = None, hold_s: float = 0.0
 ) -> Callable[[int, dict], None]:
-    """Trainer callback → Tune (or Ray Train: `checkpoint_cls`) report; attach the checkpoint just written."""
+    """Trainer callback → Tune (or Ray Train: `checkpoint_cls`) report; attach the checkpoint just written.
+
+    hold_s > 0: loss-only reports are held (at most hold_s seconds) and sent in the `history` of the next report;
+    `report.held` is what is still held (the trial's final report carries it). Only for a single worker: Ray
+    Train's report is a barrier, so every rank must report at the same steps."""
+    held: list[list] = []
+    last = [time.monotonic()]
 
     def report(step: int, metrics: dict[str, float]) -> None:
+        ckpt = metrics.get("checkpoint_step") == step and (run_dir / "checkpoint.pt").exists()
+        if hold_s > 0 and not ckpt and _loss_only(metrics) and time.monotonic() - last[0] < hold_s:
+            held.append([int(step), dict(metrics)])
+            return
         out = {**metrics, "step": int(step), "budget": budget}
-        if metrics.get("checkpoint_step") == step and (run_dir / "checkpoint.pt").exists():
+        if held:
+            out[HISTORY_KEY] = list(held)
+            held.clear()
+        last[0] = time.monotonic()
+        if ckpt:
             from ray import tune
 
             d = _bundle(run_dir, ("checkpoint.pt", "config.yaml"))
@@ -93,6 +117,7 @@ def make_reporter(
         else:
             send(out)
 
+    report.held = held
     return report
 
 
@@ -105,8 +130,10 @@ def _train(cfg, run_dir: Path, report: Callable[[int, dict], None]) -> dict[str,
         raise TrialError(f"NonFiniteLossError: {e}") from None
 
 
-def _run_local(cfg, run_dir: Path, send: Callable[..., None]) -> dict[str, float]:
-    return _train(cfg, run_dir, make_reporter(cfg.train.steps, run_dir, send))
+def _run_local(cfg, run_dir: Path, send: Callable[..., None]) -> tuple[dict[str, float], list]:
+    """(final metrics, loss reports still held back)."""
+    report = make_reporter(cfg.train.steps, run_dir, send, hold_s=HOLD_S)
+    return _train(cfg, run_dir, report), report.held
 
 
 # --- data parallel: a Ray Train TorchTrainer inside the Tune trial ------------------------------------------
@@ -189,7 +216,8 @@ def run_trial(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.train.threads)
         run_dir.mkdir(parents=True, exist_ok=True)
         _restore_into(run_dir)
-        final = {**(_run_local(cfg, run_dir, tune.report) or {}), "torch_threads": torch.get_num_threads()}
+        final, held = _run_local(cfg, run_dir, tune.report)
+        final = {**(final or {}), "torch_threads": torch.get_num_threads(), **({HISTORY_KEY: held} if held else {})}
         d = _bundle(run_dir, ARTIFACTS)
     tune.report(
         {**final, "step": cfg.train.steps, "budget": cfg.train.steps, "final": 1},
