@@ -237,7 +237,7 @@ class _Section:
         if math.isnan(ours) or n2 == 0 or math.isnan(target):
             return f"- ? {c.text}: not measured (no finished run)"
         mark = "✓ holds" if _OPS[c.op](ours, target) else "✗ fails"
-        return f"- {mark}: {c.text} — {c.metric} of {_where(c.where)} = {_fmt(ours, 4)} (n={n}) {c.op} {what}"
+        return f"- {mark}: {c.text} — {c.metric} of {_where(c.where)} = {_fmt(ours, 4)} (n={n}); needed {c.op} {what}"
 
     def _figures(self, fig_dir: Path, fig_rel: str) -> list[str]:
         from betadiff.report.figures import curves_figure, run_cells, save
