@@ -264,10 +264,11 @@ class _Section:
                 f"trial time {_hms(busy)}"
             )
         out.append("")
+        ids_of: dict[tuple, list[str]] = {}  # a cell's runs as its first metric lists them
+        for r in self.ab.summary.to_dict("records"):
+            ids_of.setdefault(tuple(str(r[k]) for k in self.keys), r["run_ids"])
         for rec in self.cells:
-            key = tuple(str(rec[k]) for k in self.keys)
-            ids = [r for r in self.ab.summary.to_dict("records")
-                   if tuple(str(r[k]) for k in self.keys) == key][0]["run_ids"]
+            ids = ids_of[tuple(str(rec[k]) for k in self.keys)]
             out.append(f"- {_where(rec)}: {', '.join(f'`{i}`' for i in ids) or '—'}")
         out += ["", "</details>"]
         return out

@@ -50,6 +50,10 @@ class MlflowSweepCallback(Callback):
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id (also in Tune's state)
         self.failures: dict[str, int] = {}
         self._names: dict[str, str] = {}  # Tune trial id -> run name (describe once per trial)
+        self._done_before: set[str] = set()  # trials whose run finished before a driver restore
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a callback pickled before these fields
+        self.__dict__.update({"_names": {}, "_done_before": set(), **state})
 
     def get_state(self) -> dict[str, Any]:
         runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
@@ -64,7 +68,7 @@ class MlflowSweepCallback(Callback):
         rid = self.runs.get(trial.trial_id)
         if rid is None:
             name, tags, params = self.describe(trial.config)
-            self.__dict__.setdefault("_names", {})[trial.trial_id] = name
+            self._names[trial.trial_id] = name
             rid = self.tracker.start_child(trial.trial_id, name, tags, params)
         elif is_pending(rid):
             rid = self.tracker.resolved.get(rid, rid)
@@ -73,40 +77,40 @@ class MlflowSweepCallback(Callback):
 
     def _name(self, trial) -> str:
         """The trial's run name; describe() builds a whole trainer config, so once per trial."""
-        names = self.__dict__.setdefault("_names", {})  # a callback pickled before this field: none yet
-        if trial.trial_id not in names:
-            names[trial.trial_id] = self.describe(trial.config)[0]
-        return names[trial.trial_id]
+        if trial.trial_id not in self._names:
+            self._names[trial.trial_id] = self.describe(trial.config)[0]
+        return self._names[trial.trial_id]
 
     def _say(self, trial, trials, what: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
         print(f"[{done}/{self.total or len(trials)}] trial {trial.trial_id} {what}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        rid = self.runs.get(trial.trial_id)
-        if rid is not None:  # restarted after a failure or a driver restore
-            if self.tracker.run_status(self._run_id(trial)) == "FINISHED":
+        restarted = trial.trial_id in self.runs  # after a failure or a driver restore
+        rid = self._run_id(trial)
+        if restarted:
+            if self.tracker.run_status(rid) == "FINISHED":
                 # finished before the driver died, after Tune's last state snapshot: Tune runs it again from
                 # its last checkpoint; its MLflow run is complete and stays as it is
-                self.__dict__.setdefault("_done_before", set()).add(trial.trial_id)
+                self._done_before.add(trial.trial_id)
                 self._say(trial, trials, f"already finished before the restore  ({self._name(trial)})")
                 return
-            self.tracker.set_status(self._run_id(trial), "RUNNING")
-        rid = self._run_id(trial)
+            self.tracker.set_status(rid, "RUNNING")
         run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
         self._say(trial, trials, f"started  {self._name(trial)}  ({run})")
 
     def _finished_before(self, trial) -> bool:
-        return trial.trial_id in self.__dict__.get("_done_before", ())
+        return trial.trial_id in self._done_before
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self._finished_before(trial):
             return
-        for step, metrics in result.get(HISTORY_KEY) or ():  # loss reports the trial held back
-            self.tracker.log_metrics(self._run_id(trial), metric_items(metrics), int(step))
-        if result.get("final"):
-            return  # the final report repeats the last evaluation; it carries the artifacts only
-        self.tracker.log_metrics(self._run_id(trial), metric_items(result), int(result.get("step", 0)))
+        # loss reports the trial held back, then this one; a final report repeats the last evaluation (it
+        # carries the artifacts only)
+        steps = [(int(s), metric_items(m)) for s, m in result.get(HISTORY_KEY) or ()]
+        if not result.get("final"):
+            steps.append((int(result.get("step", 0)), metric_items(result)))
+        self.tracker.log_metric_steps(self._run_id(trial), steps)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self._finished_before(trial):

@@ -233,10 +233,15 @@ class SweepTracker:
         return self.resolved.get(key, key)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """One log_batch per report (durable: see `_write`)."""
-        if metrics:
-            self._write([{"op": "metrics", "run_id": run_id, "step": int(step), "ts": _now_ms(),
-                          "metrics": {k: float(v) for k, v in metrics.items()}}])
+        """One report's metrics (durable: see `_write`)."""
+        self.log_metric_steps(run_id, [(step, metrics)])
+
+    def log_metric_steps(self, run_id: str, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """Several steps' metrics of one run, sent as one log_batch (durable: see `_write`)."""
+        ops = [{"op": "metrics", "run_id": run_id, "step": int(step), "ts": _now_ms(),
+                "metrics": {k: float(v) for k, v in metrics.items()}} for step, metrics in steps if metrics]
+        if ops:
+            self._write(ops)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         if tags:
@@ -280,8 +285,9 @@ class SweepTracker:
     def _write(self, ops: list[dict[str, Any]]) -> None:
         """Send `ops` in order after the journal; journal them instead if the server does not take them."""
         if self.spool is None:  # no journal: errors go to the caller
-            for op in ops:
-                self._apply(op)
+            i = 0
+            while i < len(ops):
+                i = self._apply_from(ops, i)
             return
         if time.monotonic() < self._retry_at:  # a write failed moments ago: do not wait on the server again
             self._keep(ops)
@@ -291,9 +297,10 @@ class SweepTracker:
         except Exception as e:  # noqa: BLE001 - any transport/server error: keep the writes, never lose them
             self._keep(ops, e)
             return
-        for i, op in enumerate(ops):
+        i = 0
+        while i < len(ops):
             try:
-                self._apply(op)
+                i = self._apply_from(ops, i)
             except Exception as e:  # noqa: BLE001
                 self._back_off()
                 self._keep(ops[i:], e)
