@@ -15,6 +15,8 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="FACTOR=L1,L2",
                    help="run only these levels of a factor (repeatable); give the slice its own --name")
     p.add_argument("--seeds", default=None, metavar="S1,S2", help="run these seeds instead of the file's")
+    p.add_argument("sets", nargs="*", metavar="KEY=VALUE",
+                   help="edit the sweep file: max_concurrent=1, overrides.train.steps=1000 (recorded in the run)")
 
 
 def _slice(args) -> dict:
@@ -30,7 +32,7 @@ def _slice(args) -> dict:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise SystemExit(f"betadiff sweep: --seeds wants integers like 0,1,2 (got {args.seeds!r})") from None
-    return {"only": only or None, "seeds": seeds}
+    return {"only": only or None, "seeds": seeds, "sets": list(args.sets) or None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,7 +142,14 @@ def _main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE edits may follow options (`run F --seeds 0 max_concurrent=1`), which plain parse_args refuses
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "sets") and all("=" in a and not a.startswith("-") for a in extra):
+            args.sets = [*args.sets, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from betadiff.config import ConfigError
     from betadiff.sweep.jobs import JobError
     from betadiff.sweep.runner import ClusterError

@@ -498,14 +498,35 @@ def _slice(spec: SweepSpec, only: dict[str, list[str]], path: str) -> None:
         table[key] = {n: levels[n] for n in keep} if isinstance(levels, dict) else keep
 
 
+def _apply_sets(raw: DictConfig, sets: list[str], path: str) -> None:
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            _fail(path, item, "a command-line edit must be KEY=VALUE")
+        value = _plain(OmegaConf.from_dotlist([f"v={text}"]).v)  # YAML typing: 1000 → int, [1, 2] → list
+        head, _, rest = key.partition(".")
+        if head in ("overrides", "smoke") and rest:
+            # these sections hold flat dotted keys of the trainer config ("train.steps"), not nested mappings
+            if raw.get(head) is None:
+                raw[head] = {}
+            raw[head][rest] = value
+        else:
+            OmegaConf.update(raw, key, value, force_add=True)  # unknown keys then fail in _typed with their path
+
+
 def load_sweep(
     source: str | Path | dict,
     name: str | None = None,
     smoke: bool = False,
     only: dict[str, list[str]] | None = None,
     seeds: list[int] | None = None,
+    sets: list[str] | None = None,
 ) -> Sweep:
     """Read, type-check and validate a sweep (file path or mapping); expand its trials.
+
+    sets are `key=value` edits of the sweep file itself, applied before it is typed (`max_concurrent=1`,
+    `search.num_samples=12`); `overrides.train.steps=1000` sets one flat key of `overrides:`. They are recorded in
+    the resolved YAML like any other key.
 
     only/seeds run a slice of the file: some levels of some factors, other seeds (the resolved YAML records the
     slice). smoke=True applies the file's `smoke:` overrides on top of `overrides`, keeps one seed (and at most two searched
@@ -517,6 +538,8 @@ def load_sweep(
     else:
         path = str(source)
         raw = _load_raw(Path(source))
+    if sets:
+        _apply_sets(raw, sets, path)
     spec = _typed(raw, path)
     if name:
         spec.name = name
