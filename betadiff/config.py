@@ -118,7 +118,7 @@ class TrainSection:
     ckpt_every: int = 5000              # 0: only at the end
     device: str = "cpu"                 # cpu | cuda | cuda:N | auto
     threads: int = 0                    # torch threads; 0: leave torch's default
-    amp: str = "none"                   # none | bf16 (autocast)
+    amp: str = "none"                   # none | bf16 (autocast) | auto (bf16 where the hardware has it natively)
     progress: bool = True
 
 
@@ -325,7 +325,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
     _check(t.batch_size > 0, where, "train.batch_size", f"must be > 0 (got {t.batch_size})")
     _check(t.log_every > 0, where, "train.log_every", "must be > 0")
     _check(t.eval_every >= 0 and t.ckpt_every >= 0, where, "train.eval_every", "must be >= 0")
-    _check(t.amp in ("none", "bf16"), where, "train.amp", f"must be none or bf16 (got '{t.amp}')")
+    _check(t.amp in ("none", "bf16", "auto"), where, "train.amp", f"must be none, bf16 or auto (got '{t.amp}')")
     _check(t.ema_halflife >= 0, where, "train.ema_halflife", "must be >= 0")
     _check(e.n_samples > 0 and e.steps > 1 and e.batch_size > 0, where, "eval", "n_samples, steps>1, batch_size")
     _check(e.grid in ("auto", "uniform_t", "geometric_alpha"), where, "eval.grid",
