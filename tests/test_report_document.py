@@ -148,3 +148,51 @@ def test_bad_document_spec_one_line(store, tmp_path, capsys, edit, needle):
     assert main(["report", "--document", str(spec), "-o", str(tmp_path / "d.md")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and not (tmp_path / "d.md").exists()
+
+
+def test_best_cell_claim_and_sample_grids(store, tmp_path):
+    """`best: true` claims pick the section's best cell on the metric (the `than` cell excluded); `samples: true`
+    copies each cell's sample grid from its first run, and a clone without the artifact store keeps the copies."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store["uri"])
+    spec = _spec(tmp_path, store, **{
+        "    figures: [w1]\n": "    samples: true\n",
+        "- {text: missing cell, where: {diffusion.loss: elbo, diffusion.eta: 10}, metric: w1, value: 1.0}":
+            "- {text: the best cell beats klub at 1, best: true, metric: w1, op: '<',"
+            " than: {diffusion.loss: klub, diffusion.eta: 1}}",
+    })
+    out = tmp_path / "doc.md"
+    assert main(["report", "--document", str(spec), "-o", str(out), "-q"]) == 0
+    text = out.read_text()
+    table, first_run = {}, {}
+    for ln in text.splitlines():
+        if ln.startswith("| elbo |") or ln.startswith("| klub |"):
+            c = [x.strip().strip("*") for x in ln.strip("|").split("|")]
+            if c[3] != "—":
+                table[(c[0], c[1])] = float(c[3].split(" ± ")[0])
+                first_run[(c[0], c[1])] = c[-1].split(",")[0].strip()
+    others = {k: v for k, v in table.items() if k != ("klub", "1")}
+    best = min(others, key=others.get)
+    line = next(ln for ln in text.splitlines() if "the best cell beats klub at 1" in ln)
+    assert f"diffusion.loss={best[0]}, diffusion.eta={best[1]}" in line
+    assert ("✓ holds" in line) == (others[best] < table[("klub", "1")])
+    exp = client.get_experiment(store["experiment_id"])
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id], max_results=1000)}
+    copies = {}
+    for (loss, eta), short in first_run.items():  # each grid is its cell's first run's artifact, byte for byte
+        rid = next(r for r in runs if r.startswith(short))
+        copied = tmp_path / "doc" / f"loss_ablation_samples_{loss}_{eta}.png"
+        if "samples.png" not in [a.path for a in client.list_artifacts(rid)]:
+            assert not copied.exists() and copied.name not in text
+            continue
+        ref = Path(client.download_artifacts(rid, "samples.png", str(tmp_path / "ref" / rid)))
+        assert copied.read_bytes() == ref.read_bytes() and f"](doc/{copied.name})" in text
+        copies[copied] = copied.read_bytes()
+    assert len(copies) == len(list((tmp_path / "doc").glob("*_samples_*.png"))) >= 2
+    shutil.rmtree(urlparse(exp.artifact_location).path)  # a clone holding the tracking database only
+    assert main(["report", "--document", str(spec), "-o", str(out), "-q"]) == 0
+    assert out.read_text() == text and all(p.read_bytes() == b for p, b in copies.items())

@@ -6,6 +6,7 @@ Oracles: the trainer's own run files (final.json, checkpoint.pt) logged as artif
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -138,7 +139,10 @@ def _wait(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_kill_driver_then_resume_creates_no_duplicates(tmp_path):
+@pytest.mark.parametrize("how", ["sigkill", "ctrl-c"])
+def test_kill_driver_then_resume_creates_no_duplicates(tmp_path, how):
+    """SIGKILL leaves the runs as they were; Ctrl-C ends the sweep KILLED (exit 130) with its unfinished trial runs
+    KILLED and tagged interrupted. Either way `sweep resume` finishes the design without running anything twice."""
     over = {
         **TINY,
         "train.steps": 300,
@@ -175,8 +179,20 @@ def test_kill_driver_then_resume_creates_no_duplicates(tmp_path):
             return (done, running) if done and running else None
 
         done, running = _wait(progressed, 180, "one finished trial and one past its first checkpoint")
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+            (parent,) = runs(tmp_path, "resumable", "sweep")
+            assert parent.info.status == "KILLED" and parent.data.tags["betadiff.status"] == "KILLED"
+            by_id = {c.info.run_id: c for c in runs(tmp_path, "resumable", "trial")}
+            cut = by_id[running[0].info.run_id]
+            assert cut.info.status == "KILLED" and cut.data.tags.get("betadiff.interrupted") == "true"
+            assert "betadiff.pruned" not in cut.data.tags
+            assert all(by_id[c.info.run_id].info.status == "FINISHED" for c in done)
+            assert not any(c.info.status == "RUNNING" for c in by_id.values())
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        with contextlib.suppress(ProcessLookupError):  # after Ctrl-C the group may be gone already
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     finished_before = {c.info.run_id: c.info.end_time for c in done}
 
@@ -189,7 +205,8 @@ def test_kill_driver_then_resume_creates_no_duplicates(tmp_path):
     for c in children:  # nothing finished ran again
         if c.info.run_id in finished_before:
             assert c.info.end_time == finished_before[c.info.run_id]
-    assert len(runs(tmp_path, "resumable", "sweep")) == 1
+    (parent,) = runs(tmp_path, "resumable", "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["betadiff.status"] == "FINISHED"
     # the interrupted trial continued from its checkpoint (step >= 100), not from scratch: the steps up to
     # that checkpoint were logged once; only steps after it can repeat
     (resumed,) = [c for c in children if c.info.run_id == running[0].info.run_id]
@@ -213,6 +230,7 @@ def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
             "num_samples": 6,
             "metrics": [{"name": "w1"}],
             "space": {"optim.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2}},
+            "start": [{}],  # the base config's lr runs first, under the same ASHA rungs
         },
         scheduler={"type": "asha", "grace_period": 20, "reduction_factor": 2},
     )
@@ -238,3 +256,9 @@ def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
     # Optuna got the intermediate values at training steps (20, 40), not Tune iterations
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all(set(t.intermediate_values) <= {20, 40} and t.intermediate_values for t in pruned)
+    from betadiff.sweep.schema import load_sweep
+
+    default_lr = load_sweep(p).base.optim.lr
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params == {"optim.lr": default_lr}
+    assert sum(float(c.data.params["optim.lr"]) == default_lr for c in children) == 1

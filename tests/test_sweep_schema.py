@@ -313,6 +313,10 @@ def test_slice_keeps_some_levels_and_seeds_and_records_them(tmp_path):
         (["--only", "diffusion.loss=klubb"], "no level 'klubb' (levels: klub, elbo)"),
         (["--only", "diffusion.loss"], "--only wants FACTOR=LEVEL"),
         (["--seeds", "a,b"], "--seeds wants integers"),
+        (["bogus.key=1"], "key 'bogus': unknown key"),
+        (["overrides.train.stepz=30"], "key 'overrides.train.stepz': not a key of the base config"),
+        (["max_concurrent=many"], "key 'max_concurrent'"),
+        (["--seeds", "0", "=3"], "=3"),
     ],
 )
 def test_bad_slice_is_one_line_before_work(tmp_path, args, needle):
@@ -326,3 +330,37 @@ def test_bad_slice_is_one_line_before_work(tmp_path, args, needle):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_command_line_edits_are_typed_and_recorded(tmp_path):
+    p = write(tmp_path, base_doc())
+    s = load_sweep(p, sets=["max_concurrent=1", "overrides.train.steps=30", "seeds=[4]", "overrides.optim.lr=1e-3"])
+    assert s.spec.max_concurrent == 1 and s.seeds == [4]
+    assert s.base.train.steps == 30 and s.base.optim.lr == 1e-3 and s.base.train.eval_every == TINY["train.eval_every"]
+    resolved = yaml.safe_load(s.resolved_yaml)  # the parent run's sweep.yaml records the edits
+    assert resolved["max_concurrent"] == 1 and resolved["overrides"]["train.steps"] == 30
+    assert s.sweep_hash != load_sweep(p).sweep_hash
+    r = subprocess.run(  # edits may follow options
+        [sys.executable, "-m", "betadiff.sweep.cli", "run", str(p), "--dry-run", "--no-measure", "--seeds", "0",
+         "overrides.train.steps=30"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert r.returncode == 0 and "2 trials" in r.stdout, r.stderr
+
+
+def test_search_start_points_are_checked(tmp_path):
+    search = {
+        "num_samples": 2,
+        "metrics": [{"name": "w1"}],
+        "space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+    }
+    doc = base_doc(factors={}, search={**search, "start": [{}, {"optim.lr": 2e-3}]})
+    assert len(load_sweep(write(tmp_path, doc)).spec.search.start) == 2
+    for start, needle in [
+        ([{"optim.lr": 1.0}], "key 'search.start.0.optim.lr': must be a number in [0.0001, 0.01]"),
+        ([{"model.width": 64}], "key 'search.start.0.model.width': not a searched key (optim.lr)"),
+        ([{}, {}, {}], "key 'search.start': 3 start points but num_samples is 2"),
+    ]:
+        with pytest.raises(SweepError) as e:
+            load_sweep(write(tmp_path, base_doc(factors={}, search={**search, "start": start})))
+        assert needle in str(e.value)

@@ -97,6 +97,22 @@ def test_image_path_with_ema_and_bf16(tmp_path):
     assert (tmp_path / "img/samples.png").stat().st_size > 1000
 
 
+def test_amp_auto_takes_bf16_only_where_the_cpu_has_it():
+    """`train.amp=auto` against the CPU's own flags (an independent oracle: /proc/cpuinfo, read here)."""
+    from pathlib import Path
+
+    from betadiff.train import use_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this OS")
+    flags = set(next(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")).split(":")[1].split())
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert use_bf16("bf16", cpu) and not use_bf16("none", cpu)
+    assert load_config("fashion_mnist_beta", []).train.amp == "auto"
+
+
 def test_toy1_short_training_reaches_jsd(tmp_path):
     """A short Toy1 run (4k steps, our recipe compressed) moves far from the untrained model's JSD ≈ ln 2 and W1 > 0.1.
 

@@ -36,6 +36,7 @@ _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt
 class ClaimSpec:
     text: str
     where: dict[str, Any] = field(default_factory=dict)  # the cell: {factor: level}
+    best: bool = False  # ... or the section's best cell on the metric (a search's winner), `than` excluded
     metric: str = "jsd"
     op: str = "<="
     value: Optional[float] = None  # a threshold ...
@@ -59,6 +60,7 @@ class SectionSpec:
     reference: list[Any] = field(default_factory=list)  # [{where: {factor: level}, <metric>: value, ...}]
     claims: list[ClaimSpec] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)  # metrics whose curves are drawn
+    samples: bool = False  # show each cell's sample grid (its first run's samples.png artifact)
     notes: str = ""  # Markdown after the table
 
 
@@ -161,9 +163,12 @@ class _Section:
             )
         return {c: {m: sum(v) / len(v) for m, v in d.items()} for c, d in out.items()}
 
-    def value(self, where: dict[str, Any], metric: str) -> tuple[float, int]:
+    def _hit(self, where: dict[str, Any], metric: str) -> pd.DataFrame:
         s = self.ab.summary
-        hit = s[(s["metric"] == metric) & s.apply(lambda r: _cell_match(r, where, self.keys), axis=1)]
+        return s[(s["metric"] == metric) & s.apply(lambda r: _cell_match(r, where, self.keys), axis=1)]
+
+    def value(self, where: dict[str, Any], metric: str) -> tuple[float, int]:
+        hit = self._hit(where, metric)
         if len(hit) != 1 or hit["missing"].iloc[0]:
             return math.nan, 0
         return float(hit["mean"].iloc[0]), int(hit["n"].iloc[0])
@@ -190,6 +195,8 @@ class _Section:
             out += [self._claim(c) for c in sp.claims]
         if sp.figures and fig_dir is not None:
             out += [""] + self._figures(fig_dir, fig_rel)
+        if sp.samples and fig_dir is not None:
+            out += [""] + self._samples(fig_dir, fig_rel)
         if sp.notes:
             out += ["", sp.notes.strip()]
         out += ["", *self._provenance()]
@@ -227,8 +234,18 @@ class _Section:
                   "8 characters of their MLflow run ids (full ids below)."]
         return lines
 
+    def _best(self, metric: str, exclude: dict[str, Any] | None) -> dict[str, Any]:
+        sign = -1.0 if metric_mode(metric) == "max" else 1.0
+        scored = [(sign * v, rec) for rec in self.cells
+                  if not (exclude and _cell_match(rec, exclude, self.keys))
+                  and not math.isnan(v := self.value(rec, metric)[0])]
+        return min(scored, key=lambda t: t[0])[1] if scored else {}
+
     def _claim(self, c: ClaimSpec) -> str:
-        ours, n = self.value(c.where, c.metric)
+        where = self._best(c.metric, c.than) if c.best else c.where
+        if c.best and not where:
+            return f"- ? {c.text}: not measured (no finished run)"
+        ours, n = self.value(where, c.metric)
         if c.than is not None:
             other, n2 = self.value(c.than, c.metric)
             target, what = other, f"{_where(c.than)} ({_fmt(other, 4)})"
@@ -237,7 +254,7 @@ class _Section:
         if math.isnan(ours) or n2 == 0 or math.isnan(target):
             return f"- ? {c.text}: not measured (no finished run)"
         mark = "✓ holds" if _OPS[c.op](ours, target) else "✗ fails"
-        return f"- {mark}: {c.text} — {c.metric} of {_where(c.where)} = {_fmt(ours, 4)} (n={n}); needed {c.op} {what}"
+        return f"- {mark}: {c.text} — {c.metric} of {_where(where)} = {_fmt(ours, 4)} (n={n}); needed {c.op} {what}"
 
     def _figures(self, fig_dir: Path, fig_rel: str) -> list[str]:
         from betadiff.report.figures import curves_figure, run_cells, save
@@ -249,6 +266,29 @@ class _Section:
         for m in self.spec.figures:
             path = save(curves_figure(hist, cells, self.keys, m), fig_dir / f"{stem}_{m}.png")
             out.append(f"![{m} against training step: {self.spec.title}]({fig_rel}/{path.name})")
+        return out
+
+    def _samples(self, fig_dir: Path, fig_rel: str) -> list[str]:
+        """Each cell's sample grid, copied from its first run's artifacts. Where the artifact store is out of reach
+        (a clone that has the committed tracking database only), the copy made last time is kept."""
+        import shutil
+        import tempfile
+
+        stem = self.spec.id or _slug(self.spec.title)
+        out = []
+        for rec in self.cells:
+            hit = self._hit(rec, self.ab.metrics[0])
+            ids = list(hit["run_ids"].iloc[0]) if len(hit) else []
+            if not ids:
+                continue
+            target = fig_dir / f"{stem}_samples_{_slug('_'.join(str(rec[k]) for k in self.keys))}.png"
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(self.sr.artifact(ids[0], "samples.png", tmp), target)
+            except Exception:  # noqa: BLE001 -- any store error: fall back to the copy already made
+                pass
+            if target.exists():
+                out.append(f"![samples of {_where(rec)} (run {ids[0][:8]})]({fig_rel}/{target.name})")
         return out
 
     def _provenance(self) -> list[str]:

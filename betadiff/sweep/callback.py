@@ -51,9 +51,11 @@ class MlflowSweepCallback(Callback):
         self.failures: dict[str, int] = {}
         self._names: dict[str, str] = {}  # Tune trial id -> run name (describe once per trial)
         self._done_before: set[str] = set()  # trials whose run finished before a driver restore
+        self._live: set[str] = set()  # trials started in this driver and not yet ended
+        self.interrupted: list[str] = []  # run ids of trials the driver's stop (Ctrl-C) cut short
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a callback pickled before these fields
-        self.__dict__.update({"_names": {}, "_done_before": set(), **state})
+        self.__dict__.update({"_names": {}, "_done_before": set(), "_live": set(), "interrupted": [], **state})
 
     def get_state(self) -> dict[str, Any]:
         runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
@@ -86,6 +88,7 @@ class MlflowSweepCallback(Callback):
         print(f"[{done}/{self.total or len(trials)}] trial {trial.trial_id} {what}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._live.add(trial.trial_id)
         restarted = trial.trial_id in self.runs  # after a failure or a driver restore
         rid = self._run_id(trial)
         if restarted:
@@ -113,6 +116,7 @@ class MlflowSweepCallback(Callback):
         self.tracker.log_metric_steps(self._run_id(trial), steps)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._live.discard(trial.trial_id)
         if self._finished_before(trial):
             return
         rid = self._run_id(trial)
@@ -153,4 +157,16 @@ class MlflowSweepCallback(Callback):
         self._failed(trial, trials, "retrying from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._live.discard(trial.trial_id)
         self._failed(trial, trials, "no retries left")
+
+    def on_experiment_end(self, trials, **info):
+        """Trials still live here were stopped with the driver (Ctrl-C, SIGTERM): Tune calls them TERMINATED, but
+        they did not finish. Their runs end KILLED, tagged interrupted; `sweep resume` sets them RUNNING again."""
+        for trial in trials:
+            if trial.trial_id in self._live and trial.trial_id in self.runs:
+                rid = self._run_id(trial)
+                self.tracker.end_child(rid, "KILLED", {"betadiff.interrupted": "true"})
+                self.interrupted.append(rid)
+                self._say(trial, trials, f"interrupted  {self._name(trial)}")
+        self._live.clear()

@@ -1,6 +1,7 @@
 """`betadiff sweep {run,submit,status,logs,stop,resume,list}` — argv excludes the word "sweep".
 
-Exit codes: 0 success, 1 the sweep ran but some trial failed (or the job did), 2 bad input or an
+Exit codes: 0 success, 1 the sweep ran but some trial failed (or the job did), 130 interrupted (Ctrl-C: the
+parent and the unfinished trial runs end KILLED; `sweep resume` continues them), 2 bad input or an
 unreachable service (one line on stderr, before any trial runs).
 """
 

@@ -133,6 +133,15 @@ def check_address(address: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def _sweep_callback(tuner):
+    """The tuner's MlflowSweepCallback: ours on a fresh run, unpickled from Tune's state on a restore."""
+    from betadiff.sweep.callback import MlflowSweepCallback
+
+    internal = getattr(tuner, "_local_tuner", None)  # Ray keeps the run config there (no public accessor)
+    callbacks = internal.get_run_config().callbacks if internal is not None else None
+    return next((c for c in callbacks or () if isinstance(c, MlflowSweepCallback)), None)
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -509,11 +518,15 @@ def run_sweep(
             tuner = _tuner(sweep, callback, work, store.root, [StateSync(store, sweep.name, work)])
         else:
             tuner = _tuner(sweep, callback, exp_dir)
-    status, results, errors = "FAILED", [], 0
+    status, results, errors, unfinished = "FAILED", [], 0, 0
     try:
         results = tuner.fit()
         errors = sum(1 for r in results if r.error is not None)
-        status = "FINISHED" if errors == 0 else "FAILED"
+        # Ctrl-C makes Tune save its state, stop the running trials (it calls them TERMINATED: the callback knows
+        # better) and return; pending trials never started. The sweep is KILLED until `sweep resume` completes it.
+        cb = _sweep_callback(tuner)
+        unfinished = len(results) - results.num_terminated - results.num_errors + len(cb.interrupted if cb else [])
+        status = "KILLED" if unfinished else "FINISHED" if errors == 0 else "FAILED"
     finally:
         unwritten = tracker.flush_spool()
         if unwritten:
@@ -536,11 +549,12 @@ def run_sweep(
             except Exception as e:  # noqa: BLE001 - the sweep's outcome stands; say where the files are
                 out(f"warning: cannot upload the sweep state to {exp_dir} ({str(e).splitlines()[0]}); "
                     f"it is kept in {work}")
-    out(f"sweep {sweep.name}: {status}; {len(results)} trials, {errors} failed")
+    out(f"sweep {sweep.name}: {status}; {len(results)} trials, {errors} failed"
+        + (f", {unfinished} interrupted: continue with `betadiff sweep resume {sweep.name}`" if unfinished else ""))
     if report_md:
         out(report_md)
     out(f"MLflow: {uri}  experiment '{sweep.spec.tracking.experiment}'  parent run {tracker.parent_run_id}")
-    return 0 if status == "FINISHED" else 1
+    return 0 if status == "FINISHED" else 130 if status == "KILLED" else 1
 
 
 def summarise(sweep: Sweep, uri: str, out=print) -> tuple[str | None, dict[str, Any] | None]:

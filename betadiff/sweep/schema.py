@@ -67,6 +67,9 @@ class SearchSpec:
     num_samples: int = 8
     metrics: list[MetricSpec] = field(default_factory=list)
     space: dict[str, ParamSpec] = field(default_factory=dict)
+    # points tried first, before the sampler's own (counted in num_samples); a key left out takes the base config's
+    # value, so `start: [{}]` runs the defaults under the same budget and scheduler as the searched points
+    start: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -365,6 +368,19 @@ def _check_search(
             _fail(path, where, f"int bounds must be integers (got {p.low}, {p.high})")
         probe = int(p.low) if p.type == "int" else float(p.low)
         _check_value(base, k, probe, path, where)
+    if len(s.start) > s.num_samples:
+        _fail(path, "search.start", f"{len(s.start)} start points but num_samples is {s.num_samples}")
+    for i, point in enumerate(s.start):
+        for k, v in _plain(point).items():
+            where = f"search.start.{i}.{k}"
+            if k not in s.space:
+                _fail(path, where, f"not a searched key ({', '.join(s.space)})")
+            p = s.space[k]
+            if p.type == "choice" and v not in p.values:
+                _fail(path, where, f"{v!r} is not one of the choices {p.values}")
+            if p.type != "choice" and not (isinstance(v, (int, float)) and p.low <= v <= p.high):
+                _fail(path, where, f"must be a number in [{p.low}, {p.high}] (got {v!r})")
+            _check_value(base, k, v, path, where)
     if s.sampler == "grid" and any(p.type != "choice" for p in s.space.values()):
         _fail(path, "search.sampler", "grid sampling needs choice parameters only")
     if s.sampler == "cmaes" and any(p.type == "choice" for p in s.space.values()):

@@ -8,6 +8,7 @@ the training step, and a trial that the scheduler stopped before its budget is t
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 import optuna
@@ -106,6 +107,7 @@ def make_searcher(sweep: Sweep, storage=None) -> PrunedOptunaSearch:
     space = {k: to_distribution(p) for k, p in s.space.items()}
     metrics = [m.name for m in sweep.metrics]
     modes = [m.mode for m in sweep.metrics]
+    start = [{k: point.get(k, attrgetter(k)(sweep.base)) for k in s.space} for point in s.start]
     return PrunedOptunaSearch(
         space=space,
         metric=metrics if len(metrics) > 1 else metrics[0],
@@ -114,6 +116,7 @@ def make_searcher(sweep: Sweep, storage=None) -> PrunedOptunaSearch:
         study_name=sweep.name,
         storage=storage,
         seed=s.seed,
+        points_to_evaluate=start or None,
     )
 
 

@@ -187,7 +187,7 @@ class SweepTracker:
         if report_md:
             c.log_text(rid, report_md, "report.md")
         c.set_tag(rid, "betadiff.status", status)
-        c.set_terminated(rid, status="FINISHED" if status == "FINISHED" else "FAILED")
+        c.set_terminated(rid, status=status if status in ("FINISHED", "KILLED") else "FAILED")
 
     # --- children ---------------------------------------------------------------------------------------
     def find_child(self, trial_id: str) -> str | None:
