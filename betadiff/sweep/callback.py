@@ -52,10 +52,15 @@ class MlflowSweepCallback(Callback):
         self._names: dict[str, str] = {}  # Tune trial id -> run name (describe once per trial)
         self._done_before: set[str] = set()  # trials whose run finished before a driver restore
         self._live: set[str] = set()  # trials started in this driver and not yet ended
+        # restarted trial -> the last step its run already has: a trial resumed from a checkpoint older than the
+        # driver's last report (Tune's state snapshot lags) reports those steps again; they are logged once
+        self._logged_to: dict[str, int] = {}
         self.interrupted: list[str] = []  # run ids of trials the driver's stop (Ctrl-C) cut short
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a callback pickled before these fields
-        self.__dict__.update({"_names": {}, "_done_before": set(), "_live": set(), "interrupted": [], **state})
+        self.__dict__.update(
+            {"_names": {}, "_done_before": set(), "_live": set(), "interrupted": [], "_logged_to": {}, **state}
+        )
 
     def get_state(self) -> dict[str, Any]:
         runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
@@ -99,6 +104,7 @@ class MlflowSweepCallback(Callback):
                 self._say(trial, trials, f"already finished before the restore  ({self._name(trial)})")
                 return
             self.tracker.set_status(rid, "RUNNING")
+            self._logged_to[trial.trial_id] = self.tracker.last_logged_step(rid)
         run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
         self._say(trial, trials, f"started  {self._name(trial)}  ({run})")
 
@@ -113,7 +119,10 @@ class MlflowSweepCallback(Callback):
         steps = [(int(s), metric_items(m)) for s, m in result.get(HISTORY_KEY) or ()]
         if not result.get("final"):
             steps.append((int(result.get("step", 0)), metric_items(result)))
-        self.tracker.log_metric_steps(self._run_id(trial), steps)
+        floor = self._logged_to.get(trial.trial_id, -1)
+        steps = [(s, m) for s, m in steps if s > floor]
+        if steps:
+            self.tracker.log_metric_steps(self._run_id(trial), steps)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._live.discard(trial.trial_id)

@@ -203,6 +203,14 @@ class SweepTracker:
         )
         return runs[0] if runs else None
 
+    def last_logged_step(self, run_id: str) -> int:
+        """The largest step of any metric the run has (-1: none, or the server is away)."""
+        try:
+            keys = list(self.client.get_run(run_id).data.metrics)
+            return max((m.step for k in keys for m in self.client.get_metric_history(run_id, k)), default=-1)
+        except Exception:  # noqa: BLE001 - the server is away: nothing to skip
+            return -1
+
     def children(self) -> list:
         from mlflow.entities import ViewType
 

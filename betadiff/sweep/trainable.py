@@ -73,14 +73,18 @@ def _bundle(run_dir: Path, names: tuple[str, ...]) -> str:
 
 
 def _restore_into(run_dir: Path) -> None:
+    """Put the checkpoint Tune hands back into the run folder, so `train(resume=True)` continues from it. (Not a
+    newer one the trial persisted after the driver's last snapshot: the driver never logged that report's metrics,
+    so resuming past it would leave a gap in the run's history.)"""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
-        if (Path(d) / "checkpoint.pt").exists():
-            shutil.copy2(Path(d) / "checkpoint.pt", run_dir / "checkpoint.pt")
+        for name in ("checkpoint.pt", "final.json"):  # final.json: a finished run is not scored again
+            if (Path(d) / name).exists():
+                shutil.copy2(Path(d) / name, run_dir / name)
 
 
 def _loss_only(metrics: dict[str, float]) -> bool:
