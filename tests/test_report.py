@@ -179,6 +179,21 @@ def test_budget_selection_and_budget_axis(store):
     assert not any("other budgets" in n for n in ab.notes)
 
 
+def test_pruned_runs_count_at_the_step_they_reached(store):
+    """A search under ASHA: pruned=True counts scheduler-stopped (KILLED, pruned) runs with their last value."""
+    from mlflow.tracking import MlflowClient
+
+    base = ablation(str(store["sweep_yaml"]), metrics=["w1"], budget=30)
+    ab = ablation(str(store["sweep_yaml"]), metrics=["w1"], budget=30, pruned=True)
+    (killed,) = [t for t in store["trials"] if t["status"] == "KILLED"]
+    cell = lambda a: a.summary[(a.summary["diffusion.loss"] == killed["loss"])
+                               & (a.summary["diffusion.eta"] == killed["eta"])].iloc[0]
+    assert cell(ab)["n"] == cell(base)["n"] + 1 and killed["run_id"] in cell(ab)["run_ids"]
+    (last,) = MlflowClient(tracking_uri=store["uri"]).get_metric_history(killed["run_id"], "w1")
+    assert f"stopped by the scheduler at step {last.step} (run {killed['run_id'][:8]})" in " ".join(ab.notes)
+    assert not any("stopped by the scheduler" in n for n in base.notes)
+
+
 def test_bootstrap_matches_scipy():
     from scipy.stats import bootstrap
 

@@ -164,7 +164,7 @@ def mlflow_server(tmp_path_factory):
             except OSError:
                 return proc.poll() is not None and pytest.fail((art / "server.log").read_text()[-2000:])
 
-        wait_for(up, 120, "mlflow server")
+        wait_for(up, 300, "mlflow server")  # imports and migrations: slow on a loaded machine
         yield uri
     finally:
         if proc.poll() is None:

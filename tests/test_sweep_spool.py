@@ -251,7 +251,7 @@ def _kill(p: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_sweep_loses_no_metric_point(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     db, art, port = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "art"), _free_port()
     with open(tmp_path / "server.log", "w") as log:
         server = _server(db, art, port, log)

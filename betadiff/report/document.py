@@ -61,6 +61,7 @@ class SectionSpec:
     claims: list[ClaimSpec] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)  # metrics whose curves are drawn
     samples: bool = False  # show each cell's sample grid (its first run's samples.png artifact)
+    pruned: bool = False  # count runs the scheduler stopped, at the step they reached (a search under ASHA)
     notes: str = ""  # Markdown after the table
 
 
@@ -145,6 +146,7 @@ class _Section:
             cols=spec.cols if (spec.rows or spec.cols) else None,  # a section that sets rows owns the layout
             metrics=spec.metrics or None,
             value=spec.value,
+            pruned=spec.pruned,
         )
         self.keys = self.ab.rows + self.ab.cols
         self.cells = self.ab.summary[[*self.keys]].drop_duplicates().to_dict("records")

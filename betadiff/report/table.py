@@ -227,12 +227,15 @@ def ablation(
     experiment: str | None = None,
     ci: bool = False,
     budget: int | None = None,
+    pruned: bool = False,
 ) -> Ablation:
     """Build the ablation table of a sweep (YAML path, sweep name, or loaded :class:`SweepRuns`).
 
     rows/cols/metrics/value default to the sweep file's ``report`` section; rows default to every varied
     factor. Only FINISHED runs count; runs at a budget other than the table's are left out with a note
     (unless train.steps is itself a row/col key), so different budgets are never silently compared.
+    pruned=True also counts runs the scheduler stopped (a search under ASHA): their value is from the step they
+    reached, which a note names.
     """
     sr = sweep if isinstance(sweep, SweepRuns) else load_sweep(sweep, tracking_uri, experiment=experiment)
     spec = sr.spec
@@ -271,13 +274,13 @@ def ablation(
         )
 
     notes = []
-    done = runs[runs["status"] == "FINISHED"]
-    left = runs[runs["status"] != "FINISHED"]
+    counted = (runs["status"] == "FINISHED") | ((runs["status"] == "KILLED") & runs["pruned"].astype(bool) & pruned)
+    done, left = runs[counted], runs[~counted]
     if len(left):
         what = ", ".join(f"{n} {s.lower()}" for s, n in sorted(left["status"].value_counts().items()))
-        pruned = int(left["pruned"].sum())
+        n_pruned = int(left["pruned"].sum())
         notes.append(
-            f"Left out {_runs(len(left))} not FINISHED ({what}{f'; {pruned} pruned' if pruned else ''})."
+            f"Left out {_runs(len(left))} not FINISHED ({what}{f'; {n_pruned} pruned' if n_pruned else ''})."
         )
     keys = rows + cols
     if BUDGET_KEY not in keys and len(done):
@@ -289,6 +292,11 @@ def ablation(
         done[["run_id", "seed", "budget", *[k for k in varied if k in done]]], on="run_id", how="left"
     )
     tidy = tidy[["run_id", "seed", "budget", *[k for k in varied if k in done], "metric", "step", "value"]]
+    if pruned:
+        stops = tidy[tidy["run_id"].isin(done[done["pruned"].astype(bool)]["run_id"])]
+        for rid, g in stops.groupby("run_id", sort=False):
+            where = ", ".join(f"{k}={g[k].iloc[0]}" for k in keys if k in g)
+            notes.append(f"{where}: stopped by the scheduler at step {int(g['step'].max())} (run {rid[:8]}).")
     lacking = len(done) * len(metrics) - len(picked)
     if lacking:
         notes.append(f"{lacking} (run, metric) pairs have no value for value={value}.")
