@@ -174,6 +174,40 @@ def test_a_trial_started_while_the_server_is_away_gets_its_run_on_flush(away, tm
     assert [a.path for a in live.client.list_artifacts(rid)] == ["final.json"]
 
 
+def test_a_trial_the_restored_driver_does_not_know_reuses_its_run_and_logs_each_step_once(away):
+    """Tune's state snapshot can predate a trial's start (CI: `ray job stop` while the second trial was at step
+    50): the restored callback has no run for it, the trial starts again from scratch, and its run already has
+    step 50. A trial that finished after the snapshot keeps its finished run as it is."""
+    from betadiff.sweep.callback import MlflowSweepCallback
+
+    live, t, back = away
+    back(t)
+    describe = lambda cfg: ("cell-x1-s0", {}, {"x": cfg["x"]})  # noqa: E731
+    first = MlflowSweepCallback(t, describe, total=2)
+    a, b = _trial("abc_00000"), _trial("abc_00001")
+    for trial in (a, b):
+        first.on_trial_start(0, [a, b], trial)
+        first.on_trial_result(0, [a, b], trial, {"loss": 1.0, "step": 50, "budget": 100})
+    a.last_result = {"loss": 0.5, "step": 100, "budget": 100}
+    first.on_trial_result(0, [a, b], a, a.last_result)
+    first.on_trial_complete(0, [a, b], a)
+    ended = live.client.get_run(first.runs[a.trial_id]).info.end_time
+
+    again = MlflowSweepCallback(t, describe, total=2)  # the driver restored from a snapshot without either
+    again.set_state({"runs": {}, "failures": {}})
+    for trial in (a, b):
+        again.on_trial_start(0, [a, b], trial)
+        for step in (50, 100):
+            again.on_trial_result(0, [a, b], trial, {"loss": 0.1, "step": step, "budget": 100})
+        again.on_trial_complete(0, [a, b], trial)
+    assert again.runs == first.runs and len(live.children()) == 2
+    hist = lambda r: [(m.step, m.value) for m in live.client.get_metric_history(r, "loss")]  # noqa: E731
+    assert hist(first.runs[a.trial_id]) == [(50, 1.0), (100, 0.5)]  # finished before: untouched
+    assert live.client.get_run(first.runs[a.trial_id]).info.end_time == ended
+    assert hist(first.runs[b.trial_id]) == [(50, 1.0), (100, 0.1)]
+    assert live.client.get_run(first.runs[b.trial_id]).info.status == "FINISHED"
+
+
 def test_old_spool_lines_are_metric_batches(away):
     live, t, back = away
     rid = live.client.create_run(live.experiment_id).info.run_id
