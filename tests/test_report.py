@@ -192,6 +192,9 @@ def test_pruned_runs_count_at_the_step_they_reached(store):
     (last,) = MlflowClient(tracking_uri=store["uri"]).get_metric_history(killed["run_id"], "w1")
     assert f"stopped by the scheduler at step {last.step} (run {killed['run_id'][:8]})" in " ".join(ab.notes)
     assert not any("stopped by the scheduler" in n for n in base.notes)
+    # a search's cells are the points it ran: the cell whose only run failed is listed empty without pruned=True
+    assert base.summary["missing"].any() and any(n.startswith("— : ") for n in base.notes)
+    assert not ab.summary["missing"].any() and not any(n.startswith("— : ") for n in ab.notes)
 
 
 def test_bootstrap_matches_scipy():

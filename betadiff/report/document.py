@@ -149,11 +149,7 @@ class _Section:
             pruned=spec.pruned,
         )
         self.keys = self.ab.rows + self.ab.cols
-        cells = self.ab.summary
-        if spec.pruned:  # a search: its points are the rows, not the product of every level of every key
-            cells = cells[cells.groupby(self.keys, sort=False)["n"].transform("max") > 0]
-            self.ab.notes = [n for n in self.ab.notes if not n.startswith("— : ")]
-        self.cells = cells[[*self.keys]].drop_duplicates().to_dict("records")
+        self.cells = self.ab.summary[[*self.keys]].drop_duplicates().to_dict("records")
         self.last_k = self._last_k() if spec.last_k else {}
 
     def _last_k(self) -> dict[tuple, dict[str, float]]:

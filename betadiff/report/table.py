@@ -309,6 +309,8 @@ def ablation(
     if spec.seeds is not None:
         n_expected = len(spec.seeds) * math.prod(runs[f].nunique() for f in pooled)
     summary = aggregate(tidy, levels, metrics, n_expected, ci=ci)
+    if pruned and keys:  # a search: its cells are the points it ran, not the product of every level of every key
+        summary = summary[summary.groupby(keys, sort=False)["n"].transform("max") > 0]
     if summary["missing"].any():
         notes.append(f"— : no finished run in {int(summary['missing'].sum())} (cell, metric) entries.")
     if summary["few_seeds"].any():
