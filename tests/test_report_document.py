@@ -27,7 +27,7 @@ def _store_module():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """The shared ablation store plus a slice sweep `toyabl_more` adding seed 2 of (klub, eta=10)."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("docstore")
@@ -49,6 +49,23 @@ def store(tmp_path_factory):
     client.set_terminated(rid, "FINISHED", end_time=t0 + 61_000)
     client.set_terminated(parent, "FINISHED", end_time=t0 + 65_000)
     info["extra_run"] = rid
+    # a sweep of methods (a variant factor) whose klub run shares the design's settings but eta=5: the baseline
+    parent = client.create_run(
+        info["experiment_id"], start_time=t0 + 100_000, run_name="toyabl_base",
+        tags={"betadiff.role": "sweep", "betadiff.sweep": "toyabl_base", "betadiff.status": "FINISHED"},
+    ).info.run_id
+    for i, (method, w1) in enumerate((("klub", 0.011), ("elbo", 0.033))):
+        rid = client.create_run(
+            info["experiment_id"], start_time=t0 + 101_000 + i, run_name=f"toyabl_base-{i:03d}",
+            tags={"mlflow.parentRunId": parent, "betadiff.role": "trial", "betadiff.sweep": "toyabl_base",
+                  "betadiff.factor.method": method, "betadiff.seed": "0", "betadiff.budget": "30"},
+        ).info.run_id
+        client.log_batch(rid, metrics=[Metric("w1", w1, t0 + 102_000, 30), Metric("jsd", w1 / 3, t0 + 102_000, 30)],
+                         params=[Param("diffusion.loss", method), Param("diffusion.eta", "5"),
+                                 Param("train.steps", "30")])
+        client.set_terminated(rid, "FINISHED", end_time=t0 + 103_000)
+        info[f"base_{method}"] = rid
+    client.set_terminated(parent, "FINISHED", end_time=t0 + 104_000)
     return info
 
 
@@ -148,6 +165,39 @@ def test_bad_document_spec_one_line(store, tmp_path, capsys, edit, needle):
     assert main(["report", "--document", str(spec), "-o", str(tmp_path / "d.md")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and not (tmp_path / "d.md").exists()
+
+
+def test_only_takes_a_shared_baseline_run_from_another_sweep(store, tmp_path):
+    """`only: {sweep: {key: levels}}` picks runs by factor or config key; a factor the other sweep does not vary
+    takes its runs' config value, so its klub run lands in the (klub, 5) cell and its elbo run nowhere."""
+    spec = _spec(tmp_path, store, **{
+        "sweeps: [toyabl, toyabl_more]": "sweeps: [toyabl, toyabl_base]\n"
+        "    only: {toyabl: {diffusion.eta: [1]}, toyabl_base: {method: klub}}",
+        "    last_k: 2\n    last_k_metrics: [w1]\n": "",
+    })
+    out = tmp_path / "doc.md"
+    assert main(["report", "--document", str(spec), "-o", str(out), "-q"]) == 0
+    text = out.read_text()
+    rows = {tuple(c.strip().strip("*") for c in ln.strip("|").split("|")[:2]): ln
+            for ln in text.splitlines() if ln.startswith(("| klub |", "| elbo |"))}
+    assert set(rows) == {("klub", "1"), ("elbo", "1"), ("klub", "5"), ("elbo", "5")}
+    assert store["base_klub"][:8] in rows[("klub", "5")] and "0.0110" in rows[("klub", "5")]
+    assert store["base_elbo"][:8] not in text and "| — |" in rows[("elbo", "5")]
+    assert not any(r.startswith(("| klub | 10 |", "| elbo | 10 |")) for r in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    "only, needle",
+    [
+        ("{nosuch: {method: klub}}", "sections[0].only.nosuch: not one of the section's sweeps"),
+        ("{toyabl_base: {nokey: 1}}", "sections[0].only.toyabl_base.nokey: no run of sweep 'toyabl_base'"),
+    ],
+)
+def test_bad_only_one_line(store, tmp_path, capsys, only, needle):
+    spec = _spec(tmp_path, store, **{"sweeps: [toyabl, toyabl_more]": f"sweeps: [toyabl, toyabl_base]\n    only: {only}"})
+    assert main(["report", "--document", str(spec), "-o", str(tmp_path / "d.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and not (tmp_path / "d.md").exists(), err
 
 
 def test_best_cell_claim_and_sample_grids(store, tmp_path):

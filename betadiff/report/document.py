@@ -48,6 +48,9 @@ class SectionSpec:
     title: str
     id: str = ""  # names the section's figure files (default: from the title)
     sweeps: list[str] = field(default_factory=list)
+    # per sweep, the runs to take: {sweep: {key: level or [levels]}}, key a factor or a config key (a shared
+    # baseline: another sweep's run of the default settings as the default row of an ablation)
+    only: dict[str, dict[str, Any]] = field(default_factory=dict)
     text: str = ""  # Markdown before the table
     commands: list[str] = field(default_factory=list)
     rows: list[str] = field(default_factory=list)
@@ -91,6 +94,9 @@ def read_document_spec(path: str | Path) -> DocumentSpec:
         where = f"{path}: sections[{i}]"
         if not s.sweeps:
             raise ReportError(f"{where}.sweeps: name at least one sweep")
+        for name in s.only:
+            if name not in s.sweeps:
+                raise ReportError(f"{where}.only.{name}: not one of the section's sweeps ({', '.join(s.sweeps)})")
         for j, c in enumerate(s.claims):
             if c.op not in _OPS:
                 raise ReportError(f"{where}.claims[{j}].op: one of {', '.join(_OPS)} (got {c.op!r})")
@@ -103,15 +109,31 @@ def read_document_spec(path: str | Path) -> DocumentSpec:
 
 
 def merge_runs(parts: list[SweepRuns]) -> SweepRuns:
-    """One SweepRuns from slices of one design (their trial runs side by side; the first one's spec)."""
+    """One SweepRuns from slices of one design (their trial runs side by side; the first one's spec). A factor
+    that a part does not vary takes its runs' config value (None for a variant name)."""
     first = parts[0]
     factors = sorted({f for p in parts for f in p.factors})
-    runs = pd.concat([p.runs for p in parts], ignore_index=True)
-    for f in factors:
-        if f not in runs:
-            runs[f] = None
+    runs = pd.concat([_with_factors(p.runs, factors) for p in parts], ignore_index=True)
     spec = replace(first.spec, seeds=None)  # slices ran different seeds: expect the most any cell has
     return replace(first, spec=spec, factors=factors, runs=runs)
+
+
+def _with_factors(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    add = {f: [p.get(f) for p in runs["params"]] for f in factors if f not in runs}
+    return runs.assign(**add) if add else runs
+
+
+def select_runs(sr: SweepRuns, only: dict[str, Any], where: str) -> SweepRuns:
+    """The runs of `sr` whose value of each key (a factor, else the run's config param) is one of the given
+    levels; ReportError naming `where` if no run has the key."""
+    runs = sr.runs
+    for key, levels in only.items():
+        levels = [str(v) for v in (levels if isinstance(levels, (list, tuple)) else [levels])]
+        vals = runs[key] if key in runs else runs["params"].map(lambda p, k=key: p.get(k))
+        if len(runs) and vals.isna().all():
+            raise ReportError(f"{where}.{key}: no run of sweep {sr.spec.name!r} has this factor or config key")
+        runs = runs[vals.astype(str).isin(levels)]
+    return replace(sr, runs=runs.reset_index(drop=True))
 
 
 def _fmt(x: float, d: int) -> str:
@@ -347,8 +369,12 @@ def render_document(spec: DocumentSpec, output: Path | None, tracking_uri: str |
     shown = spec.tracking_uri or tracking_uri or uri  # as written, so the file does not depend on the cwd
     out += [f"**Tracking store.** `{_redact(shown)}`" + (f", experiment `{spec.experiment}`" if spec.experiment else ""),
             ""]
-    for s in spec.sections:
-        parts = [load_sweep(name, uri, client=client, experiment=spec.experiment) for name in s.sweeps]
+    for i, s in enumerate(spec.sections):
+        parts = [
+            select_runs(load_sweep(name, uri, client=client, experiment=spec.experiment), s.only.get(name, {}),
+                        f"sections[{i}].only.{name}")
+            for name in s.sweeps
+        ]
         out.append(_Section(s, parts).markdown(2, fig_dir, fig_rel or ""))
     return "\n".join(out).rstrip() + "\n"
 
@@ -364,4 +390,6 @@ def _redact(uri: str) -> str:
     return uri
 
 
-__all__ = ["DocumentSpec", "SectionSpec", "ClaimSpec", "read_document_spec", "render_document", "merge_runs"]
+__all__ = [
+    "DocumentSpec", "SectionSpec", "ClaimSpec", "read_document_spec", "render_document", "merge_runs", "select_runs"
+]
