@@ -1,8 +1,9 @@
-"""Where a result came from: the git commit of the code that made it (read once per process)."""
+"""Where a result came from: the git commit of the code and the machine that made it (read once per process)."""
 
 from __future__ import annotations
 
 import functools
+import platform
 import subprocess
 from pathlib import Path
 
@@ -17,3 +18,30 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+# the vector units that change which float kernels torch runs, hence a run's digits from one CPU to another
+_VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")
+
+
+@functools.cache
+def machine() -> str:
+    """One line naming what ran the code: CPU model and its vector units, core count, GPU if torch sees one, torch
+    build. Same seed, same machine gives the same digits; across machines the float kernels differ."""
+    import os
+
+    import torch
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:  # not Linux: the processor string is all there is
+        pass
+    model = info.get("model name") or info.get("Hardware") or platform.processor() or platform.machine()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    units = " ".join(f for f in _VECTOR_FLAGS if f in flags)
+    gpu = f"; {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{model} ({units or platform.machine()}), {os.cpu_count()} cores{gpu}; torch {torch.__version__}"

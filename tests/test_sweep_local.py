@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.ray
@@ -106,6 +107,9 @@ def test_local_sweep_parent_children_failure_and_report(tmp_path):
     assert ok.data.params["optim.lr"] == "0.002" and ok.data.params["train.steps"] == "40"
     assert ok.data.tags["betadiff.seed"] == "0" and ok.data.tags["betadiff.budget"] == "40"
     assert ok.data.tags["betadiff.torch_threads"] == "1"  # = resources.cpu, not Ray's OMP default
+    # the machine that ran it (same seed, another CPU: other digits), as /proc/cpuinfo and torch say
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    assert cpu in ok.data.tags["betadiff.machine"] and f"torch {torch.__version__}" in ok.data.tags["betadiff.machine"]
     c = client(tmp_path)
     assert [m.step for m in c.get_metric_history(ok.info.run_id, "loss")] == [10, 20, 30, 40]
     assert [m.step for m in c.get_metric_history(ok.info.run_id, "w1")] == [20, 40]
@@ -114,7 +118,6 @@ def test_local_sweep_parent_children_failure_and_report(tmp_path):
     # the tracked values are the trainer's own: its final.json and checkpoint, as logged artifacts
     final = json.loads(Path(c.download_artifacts(ok.info.run_id, "final.json", str(tmp_path))).read_text())
     assert ok.data.metrics["w1"] == final["w1"] and ok.data.metrics["jsd"] == final["jsd"]
-    import torch
 
     ck = torch.load(c.download_artifacts(ok.info.run_id, "checkpoint.pt", str(tmp_path)), weights_only=True)
     assert ck["step"] == 40 and ck["config"]["optim"]["lr"] == 2e-3

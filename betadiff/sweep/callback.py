@@ -144,7 +144,8 @@ class MlflowSweepCallback(Callback):
         if trial.checkpoint is not None and result.get("final"):
             with trial.checkpoint.as_directory() as d:
                 self.tracker.log_artifacts(rid, d, ARTIFACTS)
-            self.tracker.set_tags(rid, {"betadiff.torch_threads": str(result.get("torch_threads"))})
+            self.tracker.set_tags(rid, {"betadiff.torch_threads": str(result.get("torch_threads")),
+                                        **({"betadiff.machine": result["machine"]} if result.get("machine") else {})})
         vals = "  ".join(
             f"{k}={result[k]:.4g}" for k in self.eval_keys if isinstance(result.get(k), (int, float))
         )

@@ -21,7 +21,7 @@ ARTIFACTS = ("config.yaml", "samples.png", "checkpoint.pt", "final.json")
 # earlier loss-only reports held back and sent with a later one: [[step, {metric: value}], ...]
 HISTORY_KEY = "history"
 # keys the trial adds to the trainer's metrics; the driver does not log them as metrics
-META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads", HISTORY_KEY)
+META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads", "machine", HISTORY_KEY)
 # Each Tune report pauses the training thread for a round trip to the driver; loss-only reports are held for up
 # to this long and sent together with the next report (evaluations and checkpoints go at once).
 HOLD_S = 2.0
@@ -147,6 +147,8 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from betadiff.provenance import machine
+
     cfg = trial_config(config)
     torch.set_num_threads(cfg.train.threads)  # Ray sets OMP_NUM_THREADS=1 in workers
     run_dir = Path(config["run_dir"])
@@ -163,7 +165,8 @@ def train_worker(config: dict[str, Any]) -> None:
     budget = cfg.train.steps
     final = _train(cfg, run_dir, make_reporter(budget, run_dir, ray.train.report, ray.train.Checkpoint))
     d = _bundle(run_dir, ARTIFACTS)
-    final = {**final, "step": budget, "budget": budget, "final": 1, "torch_threads": torch.get_num_threads()}
+    final = {**final, "step": budget, "budget": budget, "final": 1, "torch_threads": torch.get_num_threads(),
+             "machine": machine()}
     ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
     shutil.rmtree(d, ignore_errors=True)
 
@@ -210,6 +213,8 @@ def run_trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from betadiff.provenance import machine
+
     cfg = trial_config(config)
     # per trial id: with reused actors (warm workers) one process runs several trials
     run_dir = Path(os.getcwd()) / f"run_{tune.get_context().get_trial_id()}"
@@ -221,7 +226,8 @@ def run_trial(config: dict[str, Any]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _restore_into(run_dir)
         final, held = _run_local(cfg, run_dir, tune.report)
-        final = {**(final or {}), "torch_threads": torch.get_num_threads(), **({HISTORY_KEY: held} if held else {})}
+        final = {**(final or {}), "torch_threads": torch.get_num_threads(), "machine": machine(),
+                 **({HISTORY_KEY: held} if held else {})}
         d = _bundle(run_dir, ARTIFACTS)
     tune.report(
         {**final, "step": cfg.train.steps, "budget": cfg.train.steps, "final": 1},
