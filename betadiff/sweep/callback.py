@@ -96,7 +96,7 @@ class MlflowSweepCallback(Callback):
         self._live.add(trial.trial_id)
         if trial.trial_id not in self.runs:
             # a trial that started after Tune's last state snapshot has a run the restored callback does not know
-            found = self._existing_run(trial.trial_id)
+            found = self.tracker.existing_child(trial.trial_id)
             if found is not None:
                 self.runs[trial.trial_id] = found
         restarted = trial.trial_id in self.runs  # after a failure or a driver restore
@@ -112,12 +112,6 @@ class MlflowSweepCallback(Callback):
             self._logged_to[trial.trial_id] = self.tracker.last_logged_step(rid)
         run = f"run {rid}" if not is_pending(rid) else "run not created yet: MLflow away"
         self._say(trial, trials, f"started  {self._name(trial)}  ({run})")
-
-    def _existing_run(self, trial_id: str) -> str | None:
-        try:
-            return self.tracker.find_child(trial_id)
-        except Exception:  # noqa: BLE001 - the server is away: start_child journals a lookup-or-create
-            return None
 
     def _finished_before(self, trial) -> bool:
         return trial.trial_id in self._done_before

@@ -194,6 +194,17 @@ class SweepTracker:
         run = self._child_run(trial_id, self.parent_run_id)
         return run.info.run_id if run is not None else None
 
+    def existing_child(self, trial_id: str) -> str | None:
+        """The trial's run if the server has one; None also while the server is away (journal pending or backing
+        off): then no request waits on it, and `start_child` journals a lookup-or-create."""
+        if time.monotonic() < self._retry_at or (self.spool is not None and Path(self.spool).exists()):
+            return None
+        try:
+            return self.find_child(trial_id)
+        except Exception:  # noqa: BLE001 - the server is away
+            self._back_off()
+            return None
+
     def _child_run(self, trial_id: str, parent: str | None):
         runs = self.client.search_runs(
             [self.experiment_id],
