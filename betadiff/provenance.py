@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -28,8 +29,6 @@ _VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")
 def machine() -> str:
     """One line naming what ran the code: CPU model and its vector units, core count, GPU if torch sees one, torch
     build. Same seed, same machine gives the same digits; across machines the float kernels differ."""
-    import os
-
     import torch
 
     info: dict[str, str] = {}

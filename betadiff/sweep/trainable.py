@@ -27,6 +27,15 @@ META_KEYS = ("step", "budget", "final", "checkpoint_step", "torch_threads", "mac
 HOLD_S = 2.0
 
 
+def _ran_on() -> dict[str, Any]:
+    """The trial's thread count and machine, reported with its final result (tags of its run)."""
+    import torch
+
+    from betadiff.provenance import machine
+
+    return {"torch_threads": torch.get_num_threads(), "machine": machine()}
+
+
 class TrialError(RuntimeError):
     """A trial's failure, re-raised with a plain message: Ray must pickle it back to the driver."""
 
@@ -147,8 +156,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from betadiff.provenance import machine
-
     cfg = trial_config(config)
     torch.set_num_threads(cfg.train.threads)  # Ray sets OMP_NUM_THREADS=1 in workers
     run_dir = Path(config["run_dir"])
@@ -165,8 +172,7 @@ def train_worker(config: dict[str, Any]) -> None:
     budget = cfg.train.steps
     final = _train(cfg, run_dir, make_reporter(budget, run_dir, ray.train.report, ray.train.Checkpoint))
     d = _bundle(run_dir, ARTIFACTS)
-    final = {**final, "step": budget, "budget": budget, "final": 1, "torch_threads": torch.get_num_threads(),
-             "machine": machine()}
+    final = {**final, "step": budget, "budget": budget, "final": 1, **_ran_on()}
     ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
     shutil.rmtree(d, ignore_errors=True)
 
@@ -213,8 +219,6 @@ def run_trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from betadiff.provenance import machine
-
     cfg = trial_config(config)
     # per trial id: with reused actors (warm workers) one process runs several trials
     run_dir = Path(os.getcwd()) / f"run_{tune.get_context().get_trial_id()}"
@@ -226,8 +230,7 @@ def run_trial(config: dict[str, Any]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _restore_into(run_dir)
         final, held = _run_local(cfg, run_dir, tune.report)
-        final = {**(final or {}), "torch_threads": torch.get_num_threads(), "machine": machine(),
-                 **({HISTORY_KEY: held} if held else {})}
+        final = {**(final or {}), **_ran_on(), **({HISTORY_KEY: held} if held else {})}
         d = _bundle(run_dir, ARTIFACTS)
     tune.report(
         {**final, "step": cfg.train.steps, "budget": cfg.train.steps, "final": 1},
