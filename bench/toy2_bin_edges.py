@@ -1,15 +1,16 @@
 """Why Toy2's JSD is noisy: its point masses 0.5 and 0.8 sit exactly on edges of the spec's 100 bins.
 
-    python bench/toy2_bin_edges.py --run-id RUN_ID [--tracking-uri sqlite:///mlflow.db] [--out bench/out]
-    python bench/toy2_bin_edges.py --checkpoint runs/toy2_beta/checkpoint.pt
+    python bench/toy2_bin_edges.py --run-id RUN_ID [RUN_ID ...] [--tracking-uri sqlite:///mlflow.db] [--out bench/out]
+    python bench/toy2_bin_edges.py --checkpoint runs/toy2_beta/checkpoint.pt [...]
 
 Bins are [k/100, (k+1)/100): a generated point mass at 0.49999 lands in bin 49, at 0.50001 in bin 50, while every
 true sample (exactly 0.5) lands in bin 50. A model that puts the mass of a point within 1e-4 of it but on the low
 side pays up to ≈0.043 of JSD per point mass. This loads a trained Toy2 model (a sweep trial's checkpoint artifact
 or a file), draws `--n` samples as the evaluation does (x̂0, 200 steps, seed 0) and reports, beside the spec's JSD,
 Hellinger and W1: the share of generated samples within ±`--window` of each point mass and the share of those
-below it, and the same JSD and Hellinger on bins shifted by half a bin (edges at (k + ½)/100, so no point mass of
-Toy2 sits on an edge). Writes OUT/toy2_bin_edges.json and .md.
+below it, the 5 % and 95 % quantiles of their offsets from it, and the same JSD and Hellinger on bins shifted by
+half a bin (edges at (k + ½)/100, so no point mass of Toy2 sits on an edge). One row per model (several seeds side
+by side). Writes OUT/toy2_bin_edges.json and .md.
 """
 
 from __future__ import annotations
@@ -49,52 +50,65 @@ def diagnose(true: torch.Tensor, gen: torch.Tensor, window: float) -> dict:
             # below the bin edge c (float64, as the metric's edges): these land one bin too low
             "share_of_those_below": float((near < c).double().mean()) if len(near) else float("nan"),
             "median_abs_offset": float((near - c).abs().median()) if len(near) else float("nan"),
+            # the spread of the generated point mass: the network's x̂0 over the noise of its last input
+            "offset_q05": float(torch.quantile(near - c, 0.05)) if len(near) else float("nan"),
+            "offset_q95": float(torch.quantile(near - c, 0.95)) if len(near) else float("nan"),
         })
     return out
 
 
-def _checkpoint(a) -> Path:
-    if a.checkpoint:
-        return Path(a.checkpoint)
+def _checkpoint(source: str, tracking_uri: str, is_run: bool) -> Path:
+    if not is_run:
+        return Path(source)
     from mlflow.tracking import MlflowClient
 
     d = tempfile.mkdtemp(prefix="toy2_ckpt_")
-    return Path(MlflowClient(tracking_uri=a.tracking_uri).download_artifacts(a.run_id, "checkpoint.pt", d))
+    return Path(MlflowClient(tracking_uri=tracking_uri).download_artifacts(source, "checkpoint.pt", d))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-id", help="MLflow run whose checkpoint.pt artifact is a Toy2 model")
-    src.add_argument("--checkpoint", help="a checkpoint.pt file")
+    src.add_argument("--run-id", nargs="+", help="MLflow runs whose checkpoint.pt artifact is a Toy2 model")
+    src.add_argument("--checkpoint", nargs="+", help="checkpoint.pt files")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--window", type=float, default=0.005)
     p.add_argument("--out", default="bench/out")
     a = p.parse_args(argv)
-    model = load_model(_checkpoint(a), use_ema=True)
-    if model.cfg.data.name != "toy2":
-        p.error(f"the checkpoint is a {model.cfg.data.name} model, not toy2")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    gen = generate(model, model.denoiser, a.n, _seeded(0, 3))["raw"]
-    true = model.dataset.reference(a.n, _seeded(0, 4))
-    res = {"source": a.run_id or a.checkpoint, "n": a.n, "window": a.window, **diagnose(true, gen, a.window)}
+    results = []
+    for source in a.run_id or a.checkpoint:
+        model = load_model(_checkpoint(source, a.tracking_uri, bool(a.run_id)), use_ema=True)
+        if model.cfg.data.name != "toy2":
+            p.error(f"{source}: the checkpoint is a {model.cfg.data.name} model, not toy2")
+        gen = generate(model, model.denoiser, a.n, _seeded(0, 3))["raw"]
+        true = model.dataset.reference(a.n, _seeded(0, 4))
+        results.append({"source": source, "seed": model.cfg.train.seed, "n": a.n, "window": a.window,
+                        **diagnose(true, gen, a.window)})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "toy2_bin_edges.json").write_text(json.dumps(res, indent=2))
+    (out / "toy2_bin_edges.json").write_text(json.dumps(results, indent=2))
     md = [
-        f"# Toy2 point masses on bin edges ({res['source']}, {a.n} samples)",
+        f"# Toy2 point masses on bin edges ({a.n} samples a model, evaluation seed 0)",
         "",
-        "| bins | JSD | Hellinger |",
-        "|---|---|---|",
-        f"| spec: [k/100, (k+1)/100) | {res['jsd']:.4f} | {res['hellinger']:.3f} |",
-        f"| shifted by ½ bin | {res['jsd_shifted_bins']:.4f} | {res['hellinger_shifted_bins']:.3f} |",
-        "",
-        f"| point mass | true share | generated within ±{a.window} | of those below it | median offset |",
-        "|---|---|---|---|---|",
+        "| model | seed | JSD, spec bins [k/100, (k+1)/100) | JSD, bins shifted by ½ | Hellinger, spec | Hellinger, "
+        "shifted | W1 |",
+        "|---|---|---|---|---|---|---|",
     ]
-    md += [f"| {m['at']} | {m['true_share']:.3f} | {m['generated_share_within_window']:.3f} | "
-           f"{m['share_of_those_below']:.3f} | {m['median_abs_offset']:.1e} |" for m in res["point_masses"]]
+    md += [f"| {r['source']} | {r['seed']} | {r['jsd']:.4f} | {r['jsd_shifted_bins']:.4f} | {r['hellinger']:.3f} | "
+           f"{r['hellinger_shifted_bins']:.3f} | {r['w1']:.5f} |" for r in results]
+    md += [
+        "",
+        f"Generated samples within ±{a.window} of each point mass; offsets from it in units of 1e-4 (a bin is 100).",
+        "",
+        "| model | point mass | true share | generated share | of those below it | median |offset| | offset 5 % "
+        "| offset 95 % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    md += [f"| {r['source']} | {m['at']} | {m['true_share']:.3f} | {m['generated_share_within_window']:.3f} | "
+           f"{m['share_of_those_below']:.3f} | {m['median_abs_offset'] * 1e4:.2f} | {m['offset_q05'] * 1e4:.2f} | "
+           f"{m['offset_q95'] * 1e4:.2f} |" for r in results for m in r["point_masses"]]
     (out / "toy2_bin_edges.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -208,6 +208,36 @@ def test_a_trial_the_restored_driver_does_not_know_reuses_its_run_and_logs_each_
     assert live.client.get_run(first.runs[b.trial_id]).info.status == "FINISHED"
 
 
+def _describe(cfg: dict) -> tuple:  # module level: Tune pickles the callback with it
+    return "cell-x1-s0", {}, {"x": cfg["x"]}
+
+
+def test_only_a_restored_driver_looks_for_runs_of_trials_it_does_not_know(away, monkeypatch):
+    """A fresh sweep's trials have no runs yet: no lookup per trial start. A callback unpickled from Tune's
+    state (or given its snapshot) looks once for each trial it does not know."""
+    import pickle
+
+    from betadiff.sweep.callback import MlflowSweepCallback
+
+    live, t, back = away
+    back(t)
+    asked: list[str] = []
+    look = SweepTracker.existing_child
+    monkeypatch.setattr(SweepTracker, "existing_child", lambda self, tid: asked.append(tid) or look(self, tid))
+    fresh = MlflowSweepCallback(t, _describe, total=3)
+    a, b, c = _trial("abc_00000"), _trial("abc_00001"), _trial("abc_00002")
+    fresh.on_trial_start(0, [a, b, c], a)
+    assert asked == [] and len(live.children()) == 1
+    restored = pickle.loads(pickle.dumps(fresh))  # Tune's tuner.pkl: the callback as the sweep began
+    restored.on_trial_start(0, [a, b, c], a)  # known: its run id came with the pickle
+    restored.on_trial_start(0, [a, b, c], b)
+    assert asked == ["abc_00001"]
+    given = MlflowSweepCallback(t, _describe, total=3)
+    given.set_state({"runs": {}, "failures": {}})
+    given.on_trial_start(0, [a, b, c], c)
+    assert asked == ["abc_00001", "abc_00002"] and len(live.children()) == 3
+
+
 def test_old_spool_lines_are_metric_batches(away):
     live, t, back = away
     rid = live.client.create_run(live.experiment_id).info.run_id

@@ -56,17 +56,22 @@ class MlflowSweepCallback(Callback):
         # driver's last report (Tune's state snapshot lags) reports those steps again; they are logged once
         self._logged_to: dict[str, int] = {}
         self.interrupted: list[str] = []  # run ids of trials the driver's stop (Ctrl-C) cut short
+        # a restored driver (this object unpickled from Tune's state, or given its snapshot) may meet trials that
+        # started after the snapshot and already have a run; a fresh sweep's trials never do, so it asks nothing
+        self._restored = False
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # a callback pickled before these fields
+    def __setstate__(self, state: dict[str, Any]) -> None:  # also fills fields a callback pickled before them lacks
         self.__dict__.update(
             {"_names": {}, "_done_before": set(), "_live": set(), "interrupted": [], "_logged_to": {}, **state}
         )
+        self._restored = True
 
     def get_state(self) -> dict[str, Any]:
         runs = {t: self.tracker.resolved.get(r, r) for t, r in self.runs.items()}
         return {"runs": runs, "failures": dict(self.failures)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        self._restored = True
         self.runs.update(state.get("runs", {}))
         self.failures.update(state.get("failures", {}))
 
@@ -94,7 +99,7 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._live.add(trial.trial_id)
-        if trial.trial_id not in self.runs:
+        if self._restored and trial.trial_id not in self.runs:
             # a trial that started after Tune's last state snapshot has a run the restored callback does not know
             found = self.tracker.existing_child(trial.trial_id)
             if found is not None:
