@@ -110,6 +110,26 @@ def test_evaluate_toy1d_separates_good_from_smeared():
 # 2-D
 
 
+def test_toy2_point_masses_sit_on_bin_edges():
+    """Spec §8's bins are [k/100, (k+1)/100) and Toy2's point masses 0.5 and 0.8 are edges: a second true sample
+    with its point masses moved down by 1e-6 (far below a bin's width) scores as if they were misplaced, one moved
+    up scores the floor, half each way pays ≈ 0.043 per point mass (numpy histogram as the oracle)."""
+    toy2 = make_dataset(cfg("toy2"))
+    true, x = (toy2.reference(100_000, gen(s)).double().flatten() for s in (0, 1))
+    at = (x == 0.5) | (x == float(torch.tensor(0.8)))
+    assert 0.38 < float(at.double().mean()) < 0.42
+    half = torch.where(torch.arange(len(x)) % 2 == 0, 1e-6, -1e-6).double()
+    jsd = {name: M.hist_jsd(true, torch.where(at, x + move, x)) for name, move in
+           (("exact", 0.0), ("up", 1e-6), ("down", -1e-6), ("half", half))}
+    p = np_hist(true.numpy())
+    for name, move in (("down", -1e-6), ("half", half)):
+        q = np_hist(torch.where(at, x + move, x).numpy())
+        assert jsd[name] == pytest.approx(scipy.spatial.distance.jensenshannon(p, q) ** 2, rel=1e-6)
+    assert jsd["exact"] == jsd["up"] < 1e-3
+    assert jsd["down"] == pytest.approx(2 * 0.2 * math.log(2), rel=0.05)  # both masses (0.2 each) one bin low
+    assert 0.075 < jsd["half"] < 0.095
+
+
 def test_ot_distance_matches_assignment_oracle():
     g = gen(9)
     a, b = torch.rand(300, 2, generator=g), torch.rand(300, 2, generator=g) ** 2
