@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         true = model.dataset.reference(a.n, _seeded(0, 4))
         results.append({"source": source, "seed": model.cfg.train.seed, "n": a.n, "window": a.window,
                         **diagnose(true, gen, a.window)})
-    from betadiff.data import make_dataset
     from betadiff.config import DataConfig
+    from betadiff.data import make_dataset
 
     toy2 = make_dataset(DataConfig(name="toy2"))
     ref = oracle(toy2.reference(a.n, _seeded(0, 4)), toy2.reference(a.n, _seeded(0, 5)), a.eps)
