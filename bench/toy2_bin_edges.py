@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from betadiff import metrics
+from betadiff.config import DataConfig
+from betadiff.data import make_dataset
 from betadiff.train import _seeded, generate, load_model
 
 POINT_MASSES = (0.5, 0.8)
@@ -95,20 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=1e-6, help="how far the oracle moves the true point masses")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    toy2 = make_dataset(DataConfig(name="toy2"))
+    true = toy2.reference(a.n, _seeded(0, 4))  # one truth for every model and the oracle
     results = []
     for source in a.run_id or a.checkpoint:
         model = load_model(_checkpoint(source, a.tracking_uri, bool(a.run_id)), use_ema=True)
         if model.cfg.data.name != "toy2":
             p.error(f"{source}: the checkpoint is a {model.cfg.data.name} model, not toy2")
         gen = generate(model, model.denoiser, a.n, _seeded(0, 3))["raw"]
-        true = model.dataset.reference(a.n, _seeded(0, 4))
         results.append({"source": source, "seed": model.cfg.train.seed, "n": a.n, "window": a.window,
                         **diagnose(true, gen, a.window)})
-    from betadiff.config import DataConfig
-    from betadiff.data import make_dataset
-
-    toy2 = make_dataset(DataConfig(name="toy2"))
-    ref = oracle(toy2.reference(a.n, _seeded(0, 4)), toy2.reference(a.n, _seeded(0, 5)), a.eps)
+    ref = oracle(true, toy2.reference(a.n, _seeded(0, 5)), a.eps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "toy2_bin_edges.json").write_text(json.dumps({"models": results, "oracle": ref}, indent=2))
