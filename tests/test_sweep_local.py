@@ -152,6 +152,9 @@ def test_kill_driver_then_resume_creates_no_duplicates(tmp_path, how):
         "train.eval_every": 100,
         "train.ckpt_every": 50,
         "train.log_every": 50,
+        # steps slow enough (≈ 20 ms) that the trial seen past step 100 still runs when the signal lands: with the
+        # tiny batch its last 200 steps took less than one poll, and it sometimes finished first (seen in CI)
+        "train.batch_size": 16384,
     }
     p = sweep_file(
         tmp_path,
